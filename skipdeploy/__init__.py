@@ -1,0 +1,25 @@
+"""skipdeploy: deploy SkipDecode OPT models as per-layer ONNX graphs with a small runtime."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (BackendError, CapacityError, CheckpointError, ExportError, InputError, ManifestError,
+                     ScheduleError, SkipDeployError)
+from .runtime import GenerationResult, Runtime, load
+from .schedule import LayerSchedule, Schedule, TableSchedule
+
+
+def export(model, out, **kwargs):
+    """Export an OPT checkpoint to an export directory (see ``skipdeploy.exporter.export.export``)."""
+    try:
+        from .exporter.export import export as _export
+    except ImportError as exc:
+        raise SkipDeployError(f"exporting needs torch, transformers and onnx ({exc}); "
+                              "pip install 'skipdeploy[export]'") from None
+    return _export(model, out, **kwargs)
+
+
+__all__ = ["BackendError", "CapacityError", "CheckpointError", "ExportError", "GenerationResult", "InputError",
+           "LayerSchedule", "ManifestError", "Runtime", "Schedule", "ScheduleError", "SkipDeployError",
+           "TableSchedule", "export", "load", "__version__"]

@@ -1,0 +1,74 @@
+"""The one interface every backend implements: run a graph on bound buffers.
+
+The runtime owns the decoding loop and the bookkeeping (valid lengths, masks, positions); an
+engine owns device memory and kernels. Hidden states are opaque engine objects that the runtime
+only passes from one call to the next; token ids, positions, masks and logits are numpy.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from ..manifest import Manifest
+
+
+class KVCache:
+    """Per-layer key and value buffers of shape [capacity_l, batch, heads, head_dim].
+
+    ``valid[l]`` is how many positions of layer l hold keys and values; it is kept by the
+    runtime and checked against the schedule, never inferred from a buffer's extent.
+    """
+
+    def __init__(self, keys: list[Any], values: list[Any], capacities: list[int], batch: int) -> None:
+        self.keys, self.values = keys, values
+        self.capacities = list(capacities)
+        self.batch = batch
+        self.valid = [0] * len(capacities)
+
+
+class Engine(ABC):
+    """A backend: allocates the KV cache and runs the embed, layer and head graphs."""
+
+    name = "engine"
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self.spec = manifest.model
+
+    @abstractmethod
+    def allocate(self, capacities: list[int], batch: int) -> KVCache:
+        """A cache with room for ``capacities[l]`` positions in layer l, reusing earlier buffers."""
+
+    @abstractmethod
+    def embed(self, input_ids: np.ndarray, position_ids: np.ndarray) -> Any:
+        """Hidden states [B,T,E] for int64 ids and positions [B,T]."""
+
+    @abstractmethod
+    def layer(self, index: int, hidden: Any, cache: KVCache, past: int, attention_bias: np.ndarray) -> Any:
+        """Run layer ``index`` on T new positions; write their keys and values into
+        ``cache[index][past:past+T]`` in place; return the new hidden states."""
+
+    @abstractmethod
+    def head(self, hidden: Any) -> np.ndarray:
+        """float32 logits [B,V] of the last position."""
+
+    def available_memory(self) -> int | None:
+        """Bytes the cache may use on this engine's device, or None when unknown."""
+        return _host_available_memory()
+
+    def close(self) -> None:
+        """Release sessions and buffers."""
+
+
+def _host_available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -1,0 +1,1 @@
+"""Checkpoint to export directory. Needs torch, transformers and onnx (the ``export`` extra)."""

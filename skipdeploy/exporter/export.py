@@ -1,0 +1,219 @@
+"""``skipdeploy.export``: checkpoint in, a verified export directory out, atomically."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from .. import __version__
+from ..errors import BackendError, ExportError, SkipDeployError
+from ..manifest import (EMBED_IO, FORMAT_VERSION, HEAD_IO, KV_CONTRACT, KV_LAYOUT, LAYER_IO, Manifest,
+                        describe_file, model_spec_dict, read_manifest, write_manifest)
+from ..schedule import LayerSchedule, Schedule
+from . import check, checkpoint, graphs
+
+DTYPES = ("float32", "float16")
+MIN_OPSET, DEFAULT_OPSET, MAX_OPSET = 17, 17, 23
+TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
+# Past this many bytes of weights a graph keeps them in a side file (protobuf caps files at 2 GiB).
+EXTERNAL_DATA_BYTES = 1 << 30
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",
+           opset: int = DEFAULT_OPSET, schedule: LayerSchedule | Callable[[int], LayerSchedule] | None = None,
+           max_length: int | None = None, max_batch: int = 64, force: bool = False, check_graphs: bool = True,
+           tensorrt: bool = False, progress: bool | None = None,
+           log: Callable[[str], None] | None = None) -> Manifest:
+    """Export an OPT checkpoint (local directory or hub id) to ``out`` and return its manifest.
+
+    ``out`` appears only when every graph is written, checked against PyTorch and listed with
+    its sha256 in ``manifest.json``; an interrupted export leaves at most a hidden temporary
+    sibling, never a directory the runtime accepts. ``schedule`` (the export's default) may be a
+    function of the number of layers, which is known only once the checkpoint is read.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset must be between {MIN_OPSET} and {MAX_OPSET} (got {opset})")
+    if max_batch < 1:
+        raise ExportError(f"max batch must be >= 1 (got {max_batch})")
+    if tensorrt:
+        _require_tensorrt()
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force (force=True) to replace it")
+
+    spec, hf_model = checkpoint.load_model(model)
+    if max_length is None:
+        max_length = spec.max_positions
+    if not 1 <= max_length <= spec.max_positions:
+        raise ExportError(f"max length must be between 1 and the model's {spec.max_positions} positions "
+                          f"(got {max_length})")
+    if callable(schedule):
+        schedule = schedule(spec.num_layers)
+    schedule = schedule or Schedule.full(spec.num_layers)
+    if schedule.num_layers != spec.num_layers:
+        raise ExportError(f"the schedule is for {schedule.num_layers} layers, the model has {spec.num_layers}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        errors = _write_graphs(tmp, spec, hf_model, dtype, opset, check_graphs, progress)
+        worst = max(errors, key=errors.get) if errors else None
+        if worst is not None:
+            log(f"checked {len(errors)} graphs against PyTorch: max abs error {errors[worst]:.2e} ({worst})")
+            limit = TOLERANCE[dtype]
+            bad = {name: err for name, err in errors.items() if err > limit}
+            if bad:
+                raise ExportError("graphs disagree with PyTorch beyond " + f"{limit:g}: " +
+                                  ", ".join(f"{n} ({e:.2e})" for n, e in bad.items()))
+        tokenizer = _copy_tokenizer(model, tmp, log)
+        files = {p.name: describe_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        write_manifest(tmp, {
+            "format_version": FORMAT_VERSION,
+            "model_type": "opt",
+            "model": model_spec_dict(spec),
+            "dtype": dtype,
+            "opset": opset,
+            "kv_contract": KV_CONTRACT,
+            "kv_layout": KV_LAYOUT,
+            "schedule": schedule.to_dict(),
+            "limits": {"max_batch": max_batch, "max_length": max_length},
+            "graphs": {"embed": {"file": "embed.onnx", **EMBED_IO},
+                       "layers": [{"file": _layer_file(i), **LAYER_IO} for i in range(spec.num_layers)],
+                       "head": {"file": "head.onnx", **HEAD_IO}},
+            "tokenizer": tokenizer,
+            "files": files,
+            "check": {"tolerance": TOLERANCE[dtype], "max_abs_error": errors},
+            "tools": _tool_versions(),
+            "source": str(model),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        })
+        manifest = read_manifest(tmp, verify=True)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest.directory = out
+    return manifest
+
+
+def _require_tensorrt() -> None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        raise BackendError("--tensorrt needs the TensorRT Python package and an NVIDIA GPU; export without "
+                           "--tensorrt here and build engines on the GPU machine") from None
+    raise BackendError("TensorRT engine building is not available in this skipdeploy version yet; "
+                       "export without --tensorrt and use the onnxruntime backend")
+
+
+def _layer_file(index: int) -> str:
+    return f"layer_{index:02d}.onnx"
+
+
+def _write_graphs(tmp: Path, spec, hf_model, dtype: str, opset: int, check_graphs: bool,
+                  progress: bool | None) -> dict[str, float]:
+    from tqdm.auto import tqdm
+
+    jobs = [("embed", "embed.onnx"), *((i, _layer_file(i)) for i in range(spec.num_layers)), ("head", "head.onnx")]
+    errors: dict[str, float] = {}
+    bar = tqdm(jobs, desc="export", unit="graph", disable=None if progress is None else not progress,
+               file=sys.stderr)
+    for job, filename in bar:
+        bar.set_postfix_str(filename)
+        path = tmp / filename
+        if job == "embed":
+            proto, kind = graphs.build_embed(spec, checkpoint.embed_weights(hf_model), dtype, opset), "embed"
+        elif job == "head":
+            proto, kind = graphs.build_head(spec, checkpoint.head_weights(hf_model), dtype, opset), "head"
+        else:
+            layer = hf_model.model.decoder.layers[job]
+            proto = graphs.build_layer(spec, checkpoint.layer_weights(layer, spec), dtype, opset,
+                                       name=f"layer_{job:02d}")
+            kind = "layer"
+        frozen = graphs.check_symbolic_dims(proto, kind)
+        if frozen:
+            raise ExportError(f"{filename}: dimensions frozen to a number: {', '.join(frozen)}")
+        _save(proto, path)
+        if check_graphs:
+            seed = 1234 + len(errors)
+            if job == "embed":
+                errors[filename] = check.check_embed(path, hf_model, spec, seed)
+            elif job == "head":
+                errors[filename] = check.check_head(path, hf_model, spec, dtype, seed)
+            else:
+                errors[filename] = check.check_layer(path, hf_model.model.decoder.layers[job], spec, dtype, seed)
+    bar.close()
+    return errors
+
+
+def _save(proto: onnx.ModelProto, path: Path) -> None:
+    if proto.ByteSize() > EXTERNAL_DATA_BYTES:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+
+
+TOKENIZER_SOURCES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+
+
+def _copy_tokenizer(model: str | os.PathLike, tmp: Path, log: Callable[[str], None]) -> str | None:
+    """Write ``tokenizer.json`` (what the runtime's ``tokenizers`` reads) when the checkpoint has one."""
+    local = Path(str(model)).expanduser()
+    if local.exists() and not any((local / name).is_file() for name in TOKENIZER_SOURCES):
+        log("the checkpoint has no tokenizer: generate with --input-ids")
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else str(model))
+    except Exception as exc:  # a broken or absent tokenizer must not fail the export
+        log(f"cannot read the checkpoint's tokenizer ({checkpoint._first_line(exc)}): generate with --input-ids")
+        return None
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        log("the checkpoint's tokenizer has no fast (tokenizers) version: generate with --input-ids")
+        return None
+    backend.save(str(tmp / TOKENIZER_FILE))
+    return TOKENIZER_FILE
+
+
+def _tool_versions() -> dict[str, str]:
+    import numpy
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {"skipdeploy": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "torch": torch.__version__, "transformers": transformers.__version__, "numpy": numpy.__version__}
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished export into place; an existing ``out`` is removed only after that succeeds."""
+    trash = None
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, trash)
+    try:
+        os.replace(tmp, out)
+    except OSError as exc:
+        if trash is not None:
+            os.replace(trash, out)
+        raise ExportError(f"cannot move the export into {out}: {exc}") from None
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink()
+
+
+__all__ = ["export", "DTYPES", "SkipDeployError"]

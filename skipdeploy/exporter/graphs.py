@@ -1,0 +1,233 @@
+"""Build the ONNX graphs (embed, one per decoder layer, head) directly from OPT weights.
+
+The graphs are written with ``onnx.helper`` instead of tracing the Hugging Face modules: the op
+set of an OPT layer is small, the result is deterministic and fast to produce, every dimension
+is symbolic by construction, and no transformers release can change what gets traced.
+Weights are numpy arrays in the layouts documented on each builder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..manifest import EMBED_IO, HEAD_IO, LAYER_IO, ModelSpec
+
+# Finite, so that a padding query whose keys are all masked stays finite (DESIGN.md section 3).
+MASK_VALUE = -1e9
+LN_EPS = 1e-5
+_ONNX_DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+_NP_DTYPE = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass
+class _Builder:
+    dtype: str
+    nodes: list = field(default_factory=list)
+    initializers: list = field(default_factory=list)
+    counter: int = 0
+
+    def _name(self, op: str) -> str:
+        self.counter += 1
+        return f"{op}_{self.counter}"
+
+    def weight(self, name: str, array: np.ndarray, keep_fp32: bool = False) -> str:
+        dtype = np.float32 if keep_fp32 or array.dtype.kind != "f" else _NP_DTYPE[self.dtype]
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=dtype), name))
+        return name
+
+    def const(self, values, dtype=np.int64) -> str:
+        name = self._name("const")
+        self.initializers.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, **attrs) -> str | list[str]:
+        names = outputs if isinstance(outputs, list) else [self._name(op_type) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=self._name(f"/{op_type}"), **attrs))
+        return names[0] if len(names) == 1 else names
+
+    def cast(self, x: str, source: str, to: str) -> str:
+        return x if source == to else self.op("Cast", [x], to=_ONNX_DTYPE[to])
+
+    def linear(self, x: str, weight: str, bias: str | None) -> str:
+        y = self.op("MatMul", [x, weight])
+        return self.op("Add", [y, bias]) if bias else y
+
+    def layer_norm(self, x: str, scale: str, bias: str) -> str:
+        # Normalization statistics in fp32 even in fp16 graphs.
+        y = self.op("LayerNormalization", [self.cast(x, self.dtype, "float32"), scale, bias], axis=-1,
+                    epsilon=LN_EPS)
+        return self.cast(y, "float32", self.dtype)
+
+    def model(self, name: str, inputs: list, outputs: list, opset: int) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, name, inputs, outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                                  producer_name="skipdeploy")
+        model.ir_version = min(model.ir_version, 10)
+        return model
+
+
+def _value(name: str, dtype: int, dims: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, dims)
+
+
+def layer_norm_params(weight: np.ndarray | None, bias: np.ndarray | None, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """LayerNorm without elementwise affine is LayerNorm with scale 1 and bias 0."""
+    return (np.ones(size, np.float32) if weight is None else weight,
+            np.zeros(size, np.float32) if bias is None else bias)
+
+
+def build_layer(spec: ModelSpec, w: dict[str, np.ndarray | None], dtype: str, opset: int,
+                name: str = "layer") -> onnx.ModelProto:
+    """One OPT decoder layer with an external, sequence-major KV cache.
+
+    Weights (``w``): ``ln_attn.{weight,bias}``, ``ln_ffn.{weight,bias}`` [E];
+    ``qkv.weight`` [E, 3E] with the 1/sqrt(D) query scaling folded in, ``qkv.bias`` [3E];
+    ``out_proj.weight`` [E, E]; ``fc1.weight`` [E, F]; ``fc2.weight`` [F, E] (all [in, out]),
+    and their biases (absent when the model has none).
+    """
+    E, H, D = spec.hidden_size, spec.num_heads, spec.head_dim
+    b = _Builder(dtype)
+    dt = _ONNX_DTYPE[dtype]
+
+    def W(key: str, keep_fp32: bool = False) -> str | None:
+        return None if w.get(key) is None else b.weight(key, w[key], keep_fp32)
+
+    ln_attn = (W("ln_attn.weight", True), W("ln_attn.bias", True))
+    ln_ffn = (W("ln_ffn.weight", True), W("ln_ffn.bias", True))
+    pre = spec.layer_norm == "pre"
+
+    x = "hidden"
+    h = b.layer_norm(x, *ln_attn) if pre else x
+    qkv = b.linear(h, W("qkv.weight"), W("qkv.bias"))
+    q, k, v = b.op("Split", [qkv, b.const([E, E, E])], 3, axis=2)
+    heads = b.const([0, 0, H, D])
+    q = b.op("Transpose", [b.op("Reshape", [q, heads])], perm=[0, 2, 1, 3])          # [B,H,T,D]
+    b.op("Transpose", [b.op("Reshape", [k, heads])], ["key"], perm=[1, 0, 2, 3])     # [T,B,H,D]
+    b.op("Transpose", [b.op("Reshape", [v, heads])], ["value"], perm=[1, 0, 2, 3])
+    keys = b.op("Concat", ["past_key", "key"], axis=0)                                # [S,B,H,D]
+    values = b.op("Concat", ["past_value", "value"], axis=0)
+    scores = b.op("MatMul", [q, b.op("Transpose", [keys], perm=[1, 2, 3, 0])])       # [B,H,T,S]
+
+    # Causal part of the mask: query t (absolute position P + t) sees keys 0 .. P + t.
+    total = b.op("Shape", ["attention_bias"], start=1, end=2)
+    new = b.op("Shape", ["hidden"], start=1, end=2)
+    past = b.op("Sub", [total, new])
+    zero, one = b.const(0), b.const(1)
+    key_pos = b.op("Unsqueeze", [b.op("Range", [zero, b.op("Squeeze", [total]), one]), b.const([0])])
+    query_pos = b.op("Unsqueeze", [b.op("Range", [b.op("Squeeze", [past]), b.op("Squeeze", [total]), one]),
+                                   b.const([1])])
+    causal = b.op("Where", [b.op("LessOrEqual", [key_pos, query_pos]), b.const(0.0, np.float32),
+                            b.const(MASK_VALUE, np.float32)])                         # [T,S]
+    padding = b.op("Unsqueeze", ["attention_bias", b.const([1, 2])])                 # [B,1,1,S]
+    scores = b.op("Add", [b.op("Add", [b.cast(scores, dtype, "float32"), causal]), padding])
+    probs = b.cast(b.op("Softmax", [scores], axis=-1), "float32", dtype)
+    context = b.op("MatMul", [probs, b.op("Transpose", [values], perm=[1, 2, 0, 3])])  # [B,H,T,D]
+    context = b.op("Reshape", [b.op("Transpose", [context], perm=[0, 2, 1, 3]), b.const([0, 0, E])])
+    x = b.op("Add", [x, b.linear(context, W("out_proj.weight"), W("out_proj.bias"))])
+    if not pre:
+        x = b.layer_norm(x, *ln_attn)
+
+    h = b.layer_norm(x, *ln_ffn) if pre else x
+    h = b.linear(h, W("fc1.weight"), W("fc1.bias"))
+    h = _activation(b, h, spec.activation)
+    x = b.op("Add", [x, b.linear(h, W("fc2.weight"), W("fc2.bias"))])
+    if not pre:
+        x = b.layer_norm(x, *ln_ffn)
+    b.op("Identity", [x], ["hidden_out"])
+
+    inputs = [_value("hidden", dt, ["batch", "new_tokens", E]),
+              _value("past_key", dt, ["past_tokens", "batch", H, D]),
+              _value("past_value", dt, ["past_tokens", "batch", H, D]),
+              _value("attention_bias", TensorProto.FLOAT, ["batch", "total_tokens"])]
+    outputs = [_value("hidden_out", dt, ["batch", "new_tokens", E]),
+               _value("key", dt, ["new_tokens", "batch", H, D]),
+               _value("value", dt, ["new_tokens", "batch", H, D])]
+    assert [i.name for i in inputs] == LAYER_IO["inputs"] and [o.name for o in outputs] == LAYER_IO["outputs"]
+    return b.model(name, inputs, outputs, opset)
+
+
+def _activation(b: _Builder, x: str, kind: str) -> str:
+    if kind == "relu":
+        return b.op("Relu", [x])
+    if kind == "gelu":  # exact (erf) GELU, as torch.nn.functional.gelu
+        erf = b.op("Erf", [b.op("Mul", [x, b.const(1 / np.sqrt(2), _NP_DTYPE[b.dtype])])])
+        half = b.op("Mul", [x, b.const(0.5, _NP_DTYPE[b.dtype])])
+        return b.op("Mul", [half, b.op("Add", [erf, b.const(1.0, _NP_DTYPE[b.dtype])])])
+    raise ValueError(f"unsupported activation {kind!r}")
+
+
+SUPPORTED_ACTIVATIONS = ("relu", "gelu")
+
+
+def build_embed(spec: ModelSpec, w: dict[str, np.ndarray | None], dtype: str, opset: int) -> onnx.ModelProto:
+    """Token + learned position embeddings (OPT's offset of 2), with ``project_in`` when present.
+
+    Weights: ``embed_tokens.weight`` [V, Ew], ``embed_positions.weight`` [max_positions + 2, E],
+    ``project_in.weight`` [Ew, E] or None.
+    """
+    b = _Builder(dtype)
+    tokens = b.op("Gather", [b.weight("embed_tokens.weight", w["embed_tokens.weight"]), "input_ids"])
+    if w.get("project_in.weight") is not None:
+        tokens = b.op("MatMul", [tokens, b.weight("project_in.weight", w["project_in.weight"])])
+    positions = b.op("Add", ["position_ids", b.const(2)])
+    positions = b.op("Gather", [b.weight("embed_positions.weight", w["embed_positions.weight"]), positions])
+    b.op("Add", [tokens, positions], ["hidden"])
+    dt = _ONNX_DTYPE[dtype]
+    inputs = [_value("input_ids", TensorProto.INT64, ["batch", "new_tokens"]),
+              _value("position_ids", TensorProto.INT64, ["batch", "new_tokens"])]
+    outputs = [_value("hidden", dt, ["batch", "new_tokens", spec.hidden_size])]
+    assert [i.name for i in inputs] == EMBED_IO["inputs"]
+    return b.model("embed", inputs, outputs, opset)
+
+
+def build_head(spec: ModelSpec, w: dict[str, np.ndarray | None], dtype: str, opset: int) -> onnx.ModelProto:
+    """Final LayerNorm (pre-LN models), ``project_out`` when present, and the LM head.
+
+    Runs on the last position only. Weights: ``final_layer_norm.{weight,bias}`` [E] or None,
+    ``project_out.weight`` [E, Ew] or None, ``lm_head.weight`` [V, Ew] (the embedding layout, so
+    a tied head can share it). Logits are float32 whatever the graph dtype.
+    """
+    b = _Builder(dtype)
+    x = "hidden"
+    if w.get("final_layer_norm.weight") is not None or w.get("final_layer_norm.bias") is not None:
+        scale, bias = layer_norm_params(w.get("final_layer_norm.weight"), w.get("final_layer_norm.bias"),
+                                        spec.hidden_size)
+        x = b.layer_norm(x, b.weight("final_layer_norm.weight", scale, True),
+                         b.weight("final_layer_norm.bias", bias, True))
+    if w.get("project_out.weight") is not None:
+        x = b.op("MatMul", [x, b.weight("project_out.weight", w["project_out.weight"])])
+    logits = b.op("Gemm", [x, b.weight("lm_head.weight", w["lm_head.weight"])], transB=1)
+    b.op("Identity", [b.cast(logits, dtype, "float32")], ["logits"])
+    inputs = [_value("hidden", _ONNX_DTYPE[dtype], ["batch", spec.hidden_size])]
+    outputs = [_value("logits", TensorProto.FLOAT, ["batch", spec.vocab_size])]
+    assert [i.name for i in inputs] == HEAD_IO["inputs"]
+    return b.model("head", inputs, outputs, opset)
+
+
+SYMBOLIC_DIMS = {
+    "embed": {"input_ids": ["batch", "new_tokens"], "position_ids": ["batch", "new_tokens"],
+              "hidden": ["batch", "new_tokens", None]},
+    "layer": {"hidden": ["batch", "new_tokens", None], "past_key": ["past_tokens", "batch", None, None],
+              "past_value": ["past_tokens", "batch", None, None], "attention_bias": ["batch", "total_tokens"],
+              "hidden_out": ["batch", "new_tokens", None], "key": ["new_tokens", "batch", None, None],
+              "value": ["new_tokens", "batch", None, None]},
+    "head": {"hidden": ["batch", None], "logits": ["batch", None]},
+}
+
+
+def check_symbolic_dims(model: onnx.ModelProto, kind: str) -> list[str]:
+    """Names of graph I/O whose batch, new-token or past dimensions were frozen to a number."""
+    problems = []
+    for value in list(model.graph.input) + list(model.graph.output):
+        expected = SYMBOLIC_DIMS[kind].get(value.name)
+        if expected is None:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for axis, want in enumerate(expected):
+            if want is not None and (axis >= len(dims) or dims[axis].dim_param != want):
+                problems.append(f"{value.name}[{axis}]")
+    return problems

@@ -1,0 +1,111 @@
+"""The command line as a user runs it: exit codes, one-line errors, JSON output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from skipdeploy.cli import main
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def run_process(*args):
+    """The installed entry point in a subprocess, for what only a real process shows."""
+    return subprocess.run([sys.executable, "-m", "skipdeploy", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_help_lists_every_command():
+    out = run("--help")
+    assert out.exit_code == 0
+    for command in ("export", "inspect", "schedule", "generate"):
+        assert command in out.output
+        assert run(command, "--help").exit_code == 0
+
+
+def test_export_inspect_generate_json(checkpoints, tmp_path):
+    out_dir = tmp_path / "exp"
+    result = run("export", checkpoints["tiny"], "--out", out_dir, "--target-speedup", "1.5", "--decay-tokens", "8")
+    assert result.exit_code == 0, result.output
+    assert "exported 4 layers" in result.output and "max abs error" in result.output
+    info = run("inspect", out_dir)
+    assert info.exit_code == 0 and "sha256 verified" in info.output and "4 layers" in info.output
+    data = json.loads(run("inspect", out_dir, "--json").output)
+    assert data["schedule"]["kind"] == "linear" and data["schedule"]["decay_tokens"] == 8
+
+    result = run("generate", out_dir, "--input-ids", "2,5,6,7", "--input-ids", "2,9", "--max-new-tokens", "6",
+                 "--json", "--max-layers", "2", "--min-layers", "1", "--decay-tokens", "3")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert len(payload["tokens"]) == 2 and all(1 <= len(t) <= 6 for t in payload["tokens"])
+    assert payload["layers_per_step"][:3] == [3, 3, 2][:len(payload["layers_per_step"])]
+    assert payload["prompt_layers"] == 4
+
+    full = json.loads(run("generate", out_dir, "--prompt", "def greet", "--full", "--json").stdout)
+    assert set(full["layers_per_step"]) <= {4} and isinstance(full["text"][0], str)
+
+
+def test_generate_plain_and_stream(exports):
+    plain = run("generate", exports["tiny"], "--prompt", "for i in", "--max-new-tokens", "5")
+    assert plain.exit_code == 0 and "layers per token" in plain.stderr
+    stream = run("generate", exports["tiny"], "--prompt", "for i in", "--max-new-tokens", "5", "--stream")
+    assert stream.exit_code == 0 and stream.stdout == plain.stdout
+
+
+def test_schedule_command(tmp_path):
+    result = run("schedule", "--layers", "12", "--target-speedup", "2", "--decay-tokens", "16")
+    assert result.exit_code == 0 and "ideal speedup" in result.output
+    data = json.loads(run("schedule", "--layers", "12", "--max-layers", "8", "--min-layers", "2",
+                          "--decay-tokens", "6", "--json").output)
+    assert data["steps"][0]["layers"] == [0, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert data["steps"][6]["layers"] == [0, 10, 11]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("schedule", "--layers", "12", "--min-layers", "0"), "min_layers must be >= 1"),
+    (("schedule", "--layers", "12", "--max-layers", "13"), "max_layers must be <= num_layers=12"),
+    (("schedule", "--layers", "12", "--warmup-layers", "20"), "warmup_layers must be <= num_layers=12"),
+    (("schedule", "--layers", "12", "--decay-tokens", "0"), "decay_tokens must be >= 1"),
+    (("schedule", "--layers", "12", "--target-speedup", "40"), "out of reach"),
+    (("inspect", "/nonexistent/export"), "does not exist"),
+    (("generate", "/nonexistent/export", "--input-ids", "1,2"), "does not exist"),
+    (("export", "/nonexistent/checkpoint", "--out", "/tmp/never-written"), "does not exist"),
+])
+def test_user_errors_are_one_line_exit_1(args, message):
+    result = run(*args)
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_generate_errors(exports):
+    bad = run("generate", exports["tiny"], "--input-ids", "2,9999")
+    assert bad.exit_code == 1 and "outside the vocabulary" in bad.output
+    garbled = run("generate", exports["tiny"], "--input-ids", "2,x")
+    assert garbled.exit_code == 1 and "comma-separated integers" in garbled.output
+    usage = run("generate", exports["tiny"])
+    assert usage.exit_code == 2
+
+
+def test_non_opt_checkpoint_from_the_real_entry_point(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    proc = run_process("export", tmp_path / "gpt2", "--out", tmp_path / "out")
+    assert proc.returncode == 1
+    assert "is a 'gpt2' checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_runs_offline(tmp_path):
+    result = run("demo", "--workdir", tmp_path, "--max-new-tokens", "6")
+    assert result.exit_code == 0, result.output
+    assert "measured decode speedup" in result.output and (tmp_path / "export" / "manifest.json").is_file()
