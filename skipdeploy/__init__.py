@@ -5,8 +5,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .errors import (BackendError, CapacityError, CheckpointError, ExportError, InputError, ManifestError,
-                     ScheduleError, SkipDeployError)
-from .runtime import GenerationResult, Runtime, load
+                     NumericalError, ScheduleError, SkipDeployError)
+from .runtime import GenerationConfig, GenerationResult, Runtime, load
 from .schedule import LayerSchedule, Schedule, TableSchedule
 
 
@@ -20,6 +20,6 @@ def export(model, out, **kwargs):
     return _export(model, out, **kwargs)
 
 
-__all__ = ["BackendError", "CapacityError", "CheckpointError", "ExportError", "GenerationResult", "InputError",
-           "LayerSchedule", "ManifestError", "Runtime", "Schedule", "ScheduleError", "SkipDeployError",
+__all__ = ["BackendError", "CapacityError", "CheckpointError", "ExportError", "GenerationConfig", "GenerationResult",
+           "InputError", "LayerSchedule", "ManifestError", "NumericalError", "Runtime", "Schedule", "ScheduleError", "SkipDeployError",
            "TableSchedule", "export", "load", "__version__"]

@@ -15,7 +15,7 @@ import click
 
 from . import __version__
 from .errors import SkipDeployError
-from .schedule import LayerSchedule, Schedule, format_layers
+from .schedule import LayerSchedule, Schedule, TableSchedule, format_layers
 
 
 class _Group(click.Group):
@@ -60,6 +60,8 @@ def schedule_options(func):
                           "for generate, --max-new-tokens]."),
         click.option("--prompt-layers", type=click.Choice(["full", "schedule"]),
                      help="Run the prompt through all layers (full, the default) or the step-0 layer set."),
+        click.option("--table", metavar="N,N,...", help="Explicit top-block size per step (non-increasing; "
+                     "the last holds), instead of the linear decay."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -69,6 +71,15 @@ def schedule_options(func):
 def _schedule_from(opts: dict, num_layers: int, default: LayerSchedule | None, decay_default: int) -> LayerSchedule:
     target, max_l, min_l = opts.get("target_speedup"), opts.get("max_layers"), opts.get("min_layers")
     warmup, decay, prompt = opts.get("warmup_layers"), opts.get("decay_tokens"), opts.get("prompt_layers")
+    table = opts.get("table")
+    if table is not None:
+        if any(v is not None for v in (target, max_l, min_l, decay)) or opts.get("full"):
+            raise click.UsageError("--table replaces --target-speedup/--max-layers/--min-layers/--decay-tokens/--full")
+        try:
+            tops = [int(x) for x in table.split(",") if x.strip()]
+        except ValueError:
+            raise SkipDeployError(f"--table takes comma-separated integers (got {table!r})") from None
+        return TableSchedule(num_layers, tops, warmup_layers=1 if warmup is None else warmup, prompt=prompt or "full")
     if target is not None and (max_l is not None or min_l is not None):
         raise click.UsageError("--target-speedup picks --max-layers/--min-layers itself; give one or the other")
     if opts.get("full"):
@@ -87,7 +98,8 @@ def _schedule_from(opts: dict, num_layers: int, default: LayerSchedule | None, d
 
 
 def _schedule_kwargs(kwargs: dict) -> dict:
-    keys = ("target_speedup", "max_layers", "min_layers", "warmup_layers", "decay_tokens", "prompt_layers", "full")
+    keys = ("target_speedup", "max_layers", "min_layers", "warmup_layers", "decay_tokens", "prompt_layers", "table",
+            "full")
     return {k: kwargs.pop(k) for k in keys if k in kwargs}
 
 
@@ -230,6 +242,33 @@ def _parse_ids(values: tuple[str, ...]) -> list[list[int]]:
     return rows
 
 
+def sampling_options(func):
+    options = [
+        click.option("--temperature", type=float, help="Sample at this temperature; 0 (the default) is greedy. "
+                     "--top-k/--top-p alone imply 1.0."),
+        click.option("--top-k", type=int, help="Sample among the K most likely tokens."),
+        click.option("--top-p", type=float, help="Sample among the smallest set of tokens whose mass reaches P."),
+        click.option("--repetition-penalty", type=float, help="Penalize tokens already in the prompt or output "
+                     "(Hugging Face semantics; 1 is off)."),
+        click.option("--seed", type=int, help="Seed for sampling: same seed, same tokens, on every backend."),
+        click.option("--stop", "stop_strings", multiple=True, metavar="TEXT",
+                     help="Stop a row once its text contains TEXT (repeatable)."),
+        click.option("--stop-token-id", "stop_token_ids", multiple=True, type=int, metavar="ID",
+                     help="Stop a row at this token id, like EOS (repeatable)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _generation_knobs(kwargs: dict) -> dict:
+    knobs = {k: kwargs.pop(k) for k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed",
+                                         "stop_strings", "stop_token_ids")}
+    if knobs["temperature"] is None and (knobs["top_k"] is not None or knobs["top_p"] is not None):
+        knobs["temperature"] = 1.0
+    return {k: v for k, v in knobs.items() if v is not None and v != ()}
+
+
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT", help="A text prompt (repeat for a batch).")
@@ -239,29 +278,32 @@ def _parse_ids(values: tuple[str, ...]) -> list[list[int]]:
 @click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
 @schedule_options
 @click.option("--full", is_flag=True, help="Run every layer at every step (no skipping).")
-@click.option("--stream", is_flag=True, help="Print tokens as they are generated (one prompt).")
+@sampling_options
+@click.option("--stream", is_flag=True, help="Print text as tokens are generated (one prompt).")
 @click.option("--json", "as_json", is_flag=True, help="Print tokens, text and per-step layer counts as JSON.")
 @click.option("--threads", type=int, help="Intra-op threads for onnxruntime [default: all cores].")
 def generate(directory: Path, prompts: tuple[str, ...], input_ids: tuple[str, ...], max_new_tokens: int,
              backend: str, stream: bool, as_json: bool, threads: int | None, **kwargs) -> None:
-    """Generate with SkipDecode from text prompts or token ids (greedy).
+    """Generate with SkipDecode from text prompts or token ids.
 
     Without schedule options the export's default schedule is used. --decay-tokens defaults to
-    --max-new-tokens, so that --target-speedup K is met over this generation.
+    --max-new-tokens, so that --target-speedup K is met over this generation. The schedule
+    follows the generation step, which all rows of a batch share (prompts are left-padded).
     """
     from .runtime import load
 
     if bool(prompts) == bool(input_ids):
         raise click.UsageError("give either --prompt or --input-ids (each may be repeated)")
+    knobs = _generation_knobs(kwargs)
     options = {"threads": threads} if threads and backend == "onnxruntime" else {}
     runtime = load(directory, backend=backend, **options)
     sched = _schedule_from(_schedule_kwargs(kwargs), runtime.spec.num_layers, runtime.manifest.schedule,
                            max_new_tokens)
     rows = [runtime.tokenizer.encode(p) for p in prompts] if prompts else _parse_ids(input_ids)
     if stream and not as_json:
-        result = _stream(runtime, rows, max_new_tokens, sched)
+        result = _stream(runtime, rows, max_new_tokens, sched, knobs)
     else:
-        result = runtime.generate(rows, max_new_tokens, sched)
+        result = runtime.generate(rows, max_new_tokens, sched, **knobs)
         if runtime.manifest.tokenizer_path is not None:
             result.text = [runtime.tokenizer.decode(t) for t in result.tokens]
     if as_json:
@@ -278,11 +320,11 @@ def generate(directory: Path, prompts: tuple[str, ...], input_ids: tuple[str, ..
                f"prefill {1e3 * result.prefill_seconds:.1f} ms{per_token}", err=True)
 
 
-def _stream(runtime, rows, max_new_tokens, sched):
+def _stream(runtime, rows, max_new_tokens, sched, knobs):
     if len(rows) != 1:
         raise click.UsageError("--stream prints one prompt; give a single --prompt or --input-ids")
     has_text = runtime.manifest.tokenizer_path is not None
-    steps = runtime.stream(rows, max_new_tokens, sched)
+    steps = runtime.stream(rows, max_new_tokens, sched, **knobs)
     emitted: list[int] = []
     printed = ""
     while True:
@@ -305,6 +347,31 @@ def _stream(runtime, rows, max_new_tokens, sched):
     if has_text:
         result.text = [runtime.tokenizer.decode(t) for t in result.tokens]
     return result
+
+
+# -- verify ----------------------------------------------------------------------------------------
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--model", type=click.Path(path_type=Path),
+              help="The checkpoint the export came from: compare against transformers itself.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True,
+              help="Backend to verify.")
+@click.option("--max-new-tokens", type=int, default=16, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(directory: Path, model: Path | None, backend: str, max_new_tokens: int, as_json: bool) -> None:
+    """Check an export's runtime against the PyTorch reference; exit 1 beyond tolerance.
+
+    Per graph: max abs error of hidden states and cached keys/values on random inputs. Per
+    schedule (full and the export's default, or a 2x skip when the default is full): logits
+    error and greedy token agreement over a batch of three prompts.
+    """
+    from .verify import verify as run_verify
+
+    report = run_verify(directory, model=model, backend=backend, max_new_tokens=max_new_tokens)
+    click.echo(json.dumps(report.to_dict()) if as_json else report.table())
+    if not report.ok:
+        failed = [c.name for c in report.graphs + report.decode if not c.ok]
+        raise click.ClickException(f"verification failed beyond tolerance: {', '.join(failed)}")
 
 
 # -- demo ------------------------------------------------------------------------------------------

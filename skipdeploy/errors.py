@@ -31,3 +31,7 @@ class InputError(SkipDeployError, ValueError):
 
 class BackendError(SkipDeployError):
     """A backend is unavailable (library not installed, no GPU) or failed at run time."""
+
+
+class NumericalError(SkipDeployError):
+    """Non-finite values appeared during decoding; the message names the step and the first layer."""

@@ -109,3 +109,36 @@ def test_demo_runs_offline(tmp_path):
     result = run("demo", "--workdir", tmp_path, "--max-new-tokens", "6")
     assert result.exit_code == 0, result.output
     assert "measured decode speedup" in result.output and (tmp_path / "export" / "manifest.json").is_file()
+
+
+def test_verify_passes_on_a_good_export(exports, checkpoints):
+    result = run("verify", exports["tiny"])
+    assert result.exit_code == 0, result.output
+    assert "layer_03.onnx" in result.output and "FAIL" not in result.output
+    data = json.loads(run("verify", exports["tiny"], "--model", checkpoints["tiny"], "--json").stdout)
+    assert data["ok"] and data["graphs"][1]["reference"] == "transformers"
+    assert {d["name"] for d in data["decode"]} == {"full", "skip 2x"}
+
+
+def test_verify_fails_on_a_perturbed_graph(exports, checkpoints, tmp_path):
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from skipdeploy.manifest import describe_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(exports["tiny"], copy)
+    path = copy / "layer_01.onnx"
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        if init.name == "fc2.bias":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 0.01, init.name))
+    onnx.save(model, str(path))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["layer_01.onnx"] = describe_file(path)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = run("verify", copy, "--model", checkpoints["tiny"])
+    assert result.exit_code == 1
+    assert "verification failed beyond tolerance: layer_01.onnx" in result.output

@@ -65,7 +65,8 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
         raise ExportError(f"the schedule is for {schedule.num_layers} layers, the model has {spec.num_layers}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    _remove_stale_partials(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         errors = _write_graphs(tmp, spec, hf_model, dtype, opset, check_graphs, progress)
@@ -106,6 +107,18 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
         raise
     manifest.directory = out
     return manifest
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Delete what killed exports to ``out`` left behind (their process is gone)."""
+    for partial in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int(partial.name.rsplit("-", 2)[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(partial, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
 
 
 def _require_tensorrt() -> None:

@@ -15,9 +15,10 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..engines import Engine, KVCache, create_engine
-from ..errors import CapacityError, InputError, SkipDeployError
+from ..errors import CapacityError, InputError, NumericalError, SkipDeployError
 from ..manifest import Manifest, read_manifest
 from ..schedule import LayerSchedule
+from .sampling import GenerationConfig, TokenPicker
 from .tokenizer import Tokenizer
 
 MASK_VALUE = -1e9
@@ -39,7 +40,7 @@ class GenerationResult:
     tokens: list[list[int]]           # per row: generated ids only, up to and including EOS
     layers_per_step: list[int]        # layers run by decode step s (the forward of generated token s)
     prompt_layers: int                # layers run over the prompt
-    finish_reasons: list[str]         # "eos" or "length" per row
+    finish_reasons: list[str]         # "eos", "stop" (stop token or string) or "length" per row
     schedule: LayerSchedule
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -66,20 +67,23 @@ class GenerationResult:
 
 @dataclass
 class _Plan:
+    rows: list[list[int]]
     ids: np.ndarray        # [B, Tp] left-padded prompt
     lengths: np.ndarray    # real prompt length per row
     bias: np.ndarray       # [B, Tp + N] 0 for real positions, MASK_VALUE for padding
     capacities: list[int]
+    config: GenerationConfig
     eos: set[int] = field(default_factory=set)
 
 
 class Runtime:
     """A loaded export: ``generate`` token ids or text with a SkipDecode schedule."""
 
-    def __init__(self, manifest: Manifest, engine: Engine) -> None:
+    def __init__(self, manifest: Manifest, engine: Engine, memory_limit: int | None = None) -> None:
         self.manifest = manifest
         self.engine = engine
         self.spec = manifest.model
+        self.memory_limit = memory_limit
         self._tokenizer: Tokenizer | None = None
         self._lock = threading.Lock()  # one cache and one set of bindings per runtime
 
@@ -94,40 +98,51 @@ class Runtime:
             self._tokenizer = Tokenizer(path)
         return self._tokenizer
 
-    def generate_text(self, prompts: Sequence[str], max_new_tokens: int = 32, **kwargs) -> GenerationResult:
+    def generate_text(self, prompts: Sequence[str], max_new_tokens: int | None = None, **kwargs) -> GenerationResult:
         result = self.generate([self.tokenizer.encode(p) for p in prompts], max_new_tokens, **kwargs)
         result.text = [self.tokenizer.decode(t) for t in result.tokens]
         return result
 
     # -- tokens ----------------------------------------------------------------------------
-    def generate(self, input_ids: Sequence[Sequence[int]], max_new_tokens: int = 32,
-                 schedule: LayerSchedule | None = None, *, eos_token_id=_DEFAULT,
-                 output_logits: bool = False) -> GenerationResult:
-        """Greedy decoding of a batch of prompts of any lengths (left-padded internally)."""
-        steps = self.stream(input_ids, max_new_tokens, schedule, eos_token_id=eos_token_id,
-                            output_logits=output_logits)
+    def generate(self, input_ids: Sequence[Sequence[int]], max_new_tokens: int | None = None,
+                 schedule: LayerSchedule | None = None, **kwargs) -> GenerationResult:
+        """Decode a batch of prompts of any lengths (left-padded internally); see :meth:`stream`."""
+        steps = self.stream(input_ids, max_new_tokens, schedule, **kwargs)
         while True:
             try:
                 next(steps)
             except StopIteration as done:
                 return done.value
 
-    def stream(self, input_ids: Sequence[Sequence[int]], max_new_tokens: int = 32,
-               schedule: LayerSchedule | None = None, *, eos_token_id=_DEFAULT,
-               output_logits: bool = False) -> Iterator[Step]:
-        """Yield a :class:`Step` per generated token; the generator returns the GenerationResult."""
+    def stream(self, input_ids: Sequence[Sequence[int]], max_new_tokens: int | None = None,
+               schedule: LayerSchedule | None = None, *, config: GenerationConfig | None = None,
+               eos_token_id=_DEFAULT, output_logits: bool = False, **knobs) -> Iterator[Step]:
+        """Yield a :class:`Step` per generated token; the generator returns the GenerationResult.
+
+        Decoding knobs come from ``config`` (a :class:`GenerationConfig`) and/or keyword
+        arguments of the same names: ``temperature`` (0 = greedy), ``top_k``, ``top_p``,
+        ``repetition_penalty``, ``seed``, ``stop_token_ids``, ``stop_strings``. ``eos_token_id``
+        defaults to the model's; None disables it.
+        """
+        unknown = set(knobs) - set(GenerationConfig.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
+        config = (config or GenerationConfig()).updated(max_new_tokens=max_new_tokens, **knobs)
+        config.validate(self.spec.vocab_size)
+        if config.stop_strings:
+            self.tokenizer  # noqa: B018 - stop strings need text: fail now, not mid-generation
         schedule = schedule or self.manifest.schedule
         if schedule.num_layers != self.spec.num_layers:
             raise InputError(f"the schedule is for {schedule.num_layers} layers, the model has {self.spec.num_layers}")
-        plan = self._plan(input_ids, max_new_tokens, schedule, eos_token_id)
+        plan = self._plan(input_ids, config, schedule, eos_token_id)
         with self._lock:
-            return (yield from self._decode(plan, max_new_tokens, schedule, output_logits))
+            return (yield from self._decode(plan, schedule, output_logits))
 
-    def _decode(self, plan: _Plan, max_new_tokens: int, schedule: LayerSchedule,
-                output_logits: bool) -> Iterator[Step]:
-        engine = self.engine
+    def _decode(self, plan: _Plan, schedule: LayerSchedule, output_logits: bool) -> Iterator[Step]:
+        engine, config = self.engine, plan.config
         B, Tp = plan.ids.shape
         cache = self._allocate(plan.capacities, B)
+        picker = TokenPicker(config, plan.rows)
         start = time.perf_counter()
 
         # Prefill: all prompt positions through the prompt layers. Positions follow Hugging Face:
@@ -135,11 +150,8 @@ class Runtime:
         real = plan.bias[:, :Tp] == 0
         positions = np.where(real, np.cumsum(real, axis=1) - 1, -1)
         prompt_layers = schedule.prompt_layers()
-        hidden = engine.embed(plan.ids, positions)
         bias = np.ascontiguousarray(plan.bias[:, :Tp])
-        for layer in prompt_layers:
-            hidden = self._run_layer(layer, hidden, cache, 0, bias)
-        logits = engine.head(hidden)
+        logits = self._forward(plan.ids, positions, prompt_layers, cache, 0, bias, token=0)
         prefill_seconds = time.perf_counter() - start
 
         tokens: list[list[int]] = [[] for _ in range(B)]
@@ -150,11 +162,10 @@ class Runtime:
         pad = self._pad_id()
         next_pos = plan.lengths.astype(np.int64)
         decode_start = time.perf_counter()
-        for step in range(max_new_tokens):
-            self._check_finite(logits, step, schedule, prompt_layers if step == 0 else schedule.layers(step - 1))
+        for step in range(config.max_new_tokens):
             if output_logits:
                 kept_logits.append(logits.copy())
-            picked = logits.argmax(axis=-1)
+            picked = picker.pick(logits)
             emitted: list[int | None] = []
             for row in range(B):
                 if finished[row]:
@@ -163,21 +174,19 @@ class Runtime:
                 token = int(picked[row])
                 tokens[row].append(token)
                 emitted.append(token)
-                if token in plan.eos:
-                    finished[row], reasons[row] = True, "eos"
+                reason = self._finish_reason(token, tokens[row], plan)
+                if reason:
+                    finished[row], reasons[row] = True, reason
             yield Step(step, emitted, len(prompt_layers) if step == 0 else layers_per_step[-1], list(finished))
-            if step == max_new_tokens - 1 or all(finished):
+            if step == config.max_new_tokens - 1 or all(finished):
                 break
             # Decode step `step`: the forward of generated token `step`, with the schedule's layers.
             # Finished rows keep decoding as padding so that the batch stays static.
             feed = np.array([[pad if finished[r] else tokens[r][-1]] for r in range(B)], np.int64)
             layers = schedule.layers(step)
             past = Tp + step
-            hidden = engine.embed(feed, next_pos[:, None])
             bias = np.ascontiguousarray(plan.bias[:, :past + 1])
-            for layer in layers:
-                hidden = self._run_layer(layer, hidden, cache, past, bias)
-            logits = engine.head(hidden)
+            logits = self._forward(feed, next_pos[:, None], layers, cache, past, bias, token=step + 1)
             layers_per_step.append(len(layers))
             next_pos += 1
         return GenerationResult(
@@ -185,6 +194,35 @@ class Runtime:
             finish_reasons=reasons, schedule=schedule, prefill_seconds=prefill_seconds,
             decode_seconds=time.perf_counter() - decode_start,
             logits=kept_logits if output_logits else None)
+
+    def _forward(self, ids: np.ndarray, positions: np.ndarray, layers, cache: KVCache, past: int,
+                 bias: np.ndarray, token: int) -> np.ndarray:
+        """embed -> layers -> head for new positions starting at ``past``; checks the logits."""
+        hidden = self.engine.embed(ids, positions)
+        for layer in layers:
+            hidden = self._run_layer(layer, hidden, cache, past, bias)
+        logits = self.engine.head(hidden)
+        if not np.isfinite(logits).all():
+            self._locate_non_finite(ids, positions, layers, cache, past, bias, token)
+        return logits
+
+    def _locate_non_finite(self, ids, positions, layers, cache: KVCache, past: int, bias, token: int):
+        """Replay the forward pass checking every layer's output; raise naming the first bad one.
+
+        The replay writes the same keys and values into the same slots, so the cache is unchanged.
+        """
+        where = "the embedding"
+        hidden = self.engine.embed(ids, positions)
+        if np.isfinite(np.asarray(_host(hidden))).all():
+            where = "the LM head"
+            for layer in layers:
+                cache.valid[layer] = past
+                hidden = self._run_layer(layer, hidden, cache, past, bias)
+                if not np.isfinite(np.asarray(_host(hidden))).all():
+                    where = f"decoder layer {layer}"
+                    break
+        raise NumericalError(f"non-finite logits for generated token {token}: first produced by {where} "
+                             f"({self.manifest.directory}); the export's weights or inputs are broken")
 
     def _run_layer(self, layer: int, hidden, cache: KVCache, past: int, bias: np.ndarray):
         # Every layer a token runs was run by every earlier token (the top block only shrinks),
@@ -197,45 +235,50 @@ class Runtime:
         return hidden
 
     # -- planning and checks ---------------------------------------------------------------
-    def _plan(self, input_ids, max_new_tokens: int, schedule: LayerSchedule, eos_token_id) -> _Plan:
+    def _plan(self, input_ids, config: GenerationConfig, schedule: LayerSchedule, eos_token_id) -> _Plan:
         spec = self.spec
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-                or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be an integer >= 1 (got {max_new_tokens!r})")
         rows = _rows(input_ids, spec.vocab_size)
         max_batch = self.manifest.limits.get("max_batch")
         if max_batch and len(rows) > max_batch:
             raise CapacityError(f"batch of {len(rows)} exceeds the {max_batch} rows this export was sized for; "
                                 "re-export with a larger --max-batch")
+        B, N = len(rows), config.max_new_tokens
         Tp = max(len(r) for r in rows)
         max_length = min(self.manifest.limits.get("max_length", spec.max_positions), spec.max_positions)
-        needed = Tp + max_new_tokens - 1  # the last generated token is never fed back
+        needed = Tp + N - 1  # the last generated token is never fed back
         if needed > max_length:
-            raise CapacityError(f"a prompt of {Tp} tokens plus {max_new_tokens} new tokens needs {needed} positions; "
+            raise CapacityError(f"a prompt of {Tp} tokens plus {N} new tokens needs {needed} positions; "
                                 f"this export allows {max_length}")
-        B, N = len(rows), max_new_tokens
         pad = self._pad_id()
         ids = np.full((B, Tp), pad, np.int64)
         bias = np.zeros((B, Tp + N), np.float32)
         for r, row in enumerate(rows):
             ids[r, Tp - len(row):] = row
             bias[r, :Tp - len(row)] = MASK_VALUE
-        return _Plan(ids=ids, lengths=np.array([len(r) for r in rows]), bias=bias,
-                     capacities=plan_capacities(schedule, Tp, N), eos=self._eos_ids(eos_token_id))
+        return _Plan(rows=rows, ids=ids, lengths=np.array([len(r) for r in rows]), bias=bias,
+                     capacities=plan_capacities(schedule, Tp, N), config=config, eos=self._eos_ids(eos_token_id))
+
+    def _finish_reason(self, token: int, generated: list[int], plan: _Plan) -> str | None:
+        if token in plan.eos:
+            return "eos"
+        if token in plan.config.stop_token_ids:
+            return "stop"
+        if plan.config.stop_strings:
+            text = self.tokenizer.decode(generated)
+            if any(stop in text for stop in plan.config.stop_strings):
+                return "stop"
+        return None
 
     def _allocate(self, capacities: list[int], batch: int) -> KVCache:
         itemsize = 2 if self.manifest.dtype == "float16" else 4
         need = cache_bytes(capacities, batch, self.spec.num_heads, self.spec.head_dim, itemsize)
         available = self.engine.available_memory()
+        if self.memory_limit is not None:
+            available = min(self.memory_limit, available) if available is not None else self.memory_limit
         if available is not None and need > available:
             raise CapacityError(f"the KV cache needs {_gib(need)} for this request and only {_gib(available)} "
                                 "is available; use a smaller batch, fewer new tokens or a shorter prompt")
         return self.engine.allocate(capacities, batch)
-
-    def _check_finite(self, logits: np.ndarray, step: int, schedule: LayerSchedule, layers) -> None:
-        if not np.isfinite(logits).all():
-            raise SkipDeployError(f"non-finite logits at generated token {step} "
-                                  f"(after layers {layers[0]}..{layers[-1]}); the export or its weights are broken")
 
     def _pad_id(self) -> int:
         for value in (self.spec.pad_token_id, self.spec.eos_token_id, 0):
@@ -270,8 +313,16 @@ def cache_bytes(capacities: list[int], batch: int, heads: int, head_dim: int, it
     return 2 * sum(capacities) * batch * heads * head_dim * itemsize
 
 
+def _host(hidden):
+    """A hidden-state object as something numpy can read (engines may return torch tensors)."""
+    return hidden.float().cpu().numpy() if hasattr(hidden, "cpu") else hidden
+
+
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _rows(input_ids, vocab_size: int) -> list[list[int]]:
@@ -295,7 +346,12 @@ def _rows(input_ids, vocab_size: int) -> list[list[int]]:
     return rows
 
 
-def load(directory: str | Path, backend: str = "onnxruntime", verify: bool = True, **options) -> Runtime:
-    """Load an export directory: checks the manifest (and every file's sha256 when ``verify``)."""
+def load(directory: str | Path, backend: str = "onnxruntime", verify: bool = True,
+         memory_limit: int | None = None, **options) -> Runtime:
+    """Load an export directory: checks the manifest (and every file's sha256 when ``verify``).
+
+    ``memory_limit`` caps the bytes a request's KV cache may take (default: what the device has
+    free); ``options`` go to the backend (e.g. ``threads`` for onnxruntime, ``device`` for torch).
+    """
     manifest = read_manifest(directory, verify=verify)
-    return Runtime(manifest, create_engine(backend, manifest, **options))
+    return Runtime(manifest, create_engine(backend, manifest, **options), memory_limit=memory_limit)

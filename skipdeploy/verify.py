@@ -1,0 +1,219 @@
+"""``skipdeploy verify``: an export's runtime against the PyTorch reference.
+
+Per graph: the backend's embed, layer and head outputs (hidden states and the keys and values
+written into the cache) against the torch reference backend on the same inputs, or, with a
+checkpoint, against the transformers modules themselves. Per schedule: logits and greedy tokens
+of a whole generation, for the full schedule and the export's default (transformers ``generate``
+is the reference for the full schedule when a checkpoint is given).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SkipDeployError
+from .manifest import Manifest
+from .runtime import load
+from .schedule import Schedule
+
+GRAPH_TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
+LOGITS_TOLERANCE = {"float32": 1e-3, "float16": 5e-2}
+NEAR_TIE = 1e-3
+
+
+@dataclass
+class Check:
+    name: str
+    error: float
+    tolerance: float
+    reference: str
+    tokens: str = ""  # "agreeing/compared" for decode checks
+
+    @property
+    def ok(self) -> bool:
+        agree, _, total = self.tokens.partition("/")
+        return self.error <= self.tolerance and agree == total
+
+
+@dataclass
+class Report:
+    directory: str
+    backend: str
+    graphs: list[Check] = field(default_factory=list)
+    decode: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.graphs + self.decode)
+
+    def to_dict(self) -> dict:
+        return {"directory": self.directory, "backend": self.backend, "ok": self.ok,
+                "graphs": [{**asdict(c), "ok": c.ok} for c in self.graphs],
+                "decode": [{**asdict(c), "ok": c.ok} for c in self.decode]}
+
+    def table(self) -> str:
+        lines = [f"{'graph':<16} {'max abs error':>13} {'tolerance':>10}  reference        result"]
+        for c in self.graphs:
+            lines.append(f"{c.name:<16} {c.error:>13.2e} {c.tolerance:>10.0e}  {c.reference:<16} "
+                         f"{'ok' if c.ok else 'FAIL'}")
+        lines.append("")
+        lines.append(f"{'schedule':<16} {'logits error':>13} {'tolerance':>10}  reference        tokens    result")
+        for c in self.decode:
+            lines.append(f"{c.name:<16} {c.error:>13.2e} {c.tolerance:>10.0e}  {c.reference:<16} "
+                         f"{c.tokens:<9} {'ok' if c.ok else 'FAIL'}")
+        return "\n".join(lines)
+
+
+def verify(directory: str | Path, model: str | Path | None = None, backend: str = "onnxruntime",
+           max_new_tokens: int = 16, seed: int = 0) -> Report:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise SkipDeployError("verify compares against PyTorch: pip install 'skipdeploy[export]'") from None
+    runtime = load(directory, backend=backend)
+    reference = load(directory, backend="torch", verify=False)
+    manifest = runtime.manifest
+    report = Report(str(manifest.directory), backend)
+    hf_model = _hf_model(model) if model is not None else None
+    tol = GRAPH_TOLERANCE[manifest.dtype]
+    if hf_model is not None and backend == "onnxruntime":
+        report.graphs = _graphs_against_transformers(manifest, hf_model, tol, seed)
+    else:
+        report.graphs = _graphs_against_reference(runtime.engine, reference.engine, manifest, tol, seed)
+
+    prompts = _prompts(manifest, seed)
+    schedules = [("full", Schedule.full(manifest.model.num_layers)), ("default", manifest.schedule)]
+    if manifest.schedule.is_full():
+        try:
+            schedules[1] = ("skip 2x", Schedule.target_speedup(manifest.model.num_layers, 2.0,
+                                                               decay_tokens=max_new_tokens))
+        except SkipDeployError:
+            schedules.pop()
+    for label, sched in schedules:
+        got = runtime.generate(prompts, max_new_tokens, sched, output_logits=True, eos_token_id=None)
+        if label == "full" and hf_model is not None:
+            want_tokens, want_logits = _hf_generate(hf_model, prompts, max_new_tokens, runtime._pad_id())
+            ref_name = "transformers"
+        else:
+            want = reference.generate(prompts, max_new_tokens, sched, output_logits=True, eos_token_id=None)
+            want_tokens, want_logits, ref_name = want.tokens, want.logits, "torch backend"
+        report.decode.append(_compare_decode(label, got, want_tokens, want_logits,
+                                             LOGITS_TOLERANCE[manifest.dtype], ref_name))
+    return report
+
+
+def _relative_error(got, want) -> float:
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    return float(np.max(np.abs(got - want)) / max(1.0, float(np.max(np.abs(want)))))
+
+
+def _as_numpy(x) -> np.ndarray:
+    return x.float().cpu().numpy() if hasattr(x, "cpu") else np.asarray(x, np.float32)
+
+
+def _as_engine_hidden(engine, array: np.ndarray):
+    """The same hidden states, in the form ``engine`` takes (numpy, or a torch tensor)."""
+    if engine.name == "torch":
+        import torch
+
+        return torch.from_numpy(array.copy()).to(device=engine.device, dtype=engine.dtype)
+    return np.ascontiguousarray(array.astype(engine.dtype))
+
+
+def _graphs_against_reference(engine, ref, manifest: Manifest, tol: float, seed: int) -> list[Check]:
+    """Both engines on identical inputs: a 3-token chunk from an empty past, then 2 more tokens."""
+    spec = manifest.model
+    rng = np.random.default_rng(seed)
+    B, T1, T2 = 2, 3, 2
+    ids = rng.integers(0, spec.vocab_size, (B, T1 + T2))
+    pos = np.tile(np.arange(T1 + T2), (B, 1))
+    checks = []
+    hidden = _as_numpy(ref.embed(ids, pos))
+    checks.append(Check("embed.onnx", _relative_error(_as_numpy(engine.embed(ids, pos)), hidden), tol, "torch backend"))
+    bias = np.zeros((B, T1 + T2), np.float32)
+    bias[1, 0] = -1e9  # row 1 is left-padded by one position
+    cache, ref_cache = engine.allocate([T1 + T2] * spec.num_layers, B), ref.allocate([T1 + T2] * spec.num_layers, B)
+    x = hidden
+    for layer in range(spec.num_layers):
+        errors, outs = [], []
+        for start, stop in ((0, T1), (T1, T1 + T2)):
+            chunk = np.ascontiguousarray(x[:, start:stop])
+            b = np.ascontiguousarray(bias[:, :stop])
+            got = _as_numpy(engine.layer(layer, _as_engine_hidden(engine, chunk), cache, start, b))
+            want = _as_numpy(ref.layer(layer, _as_engine_hidden(ref, chunk), ref_cache, start, b))
+            errors.append(_relative_error(got, want))
+            outs.append(want)
+        for buf, ref_buf in ((cache.keys, ref_cache.keys), (cache.values, ref_cache.values)):
+            errors.append(_relative_error(_as_numpy(buf[layer]), _as_numpy(ref_buf[layer])))
+        checks.append(Check(f"layer_{layer:02d}.onnx", max(errors), tol, "torch backend"))
+        x = np.concatenate(outs, axis=1)
+    last = _as_engine_hidden(engine, x)
+    checks.append(Check("head.onnx", _relative_error(engine.head(last), ref.head(_as_engine_hidden(ref, x))), tol,
+                        "torch backend"))
+    return checks
+
+
+def _graphs_against_transformers(manifest: Manifest, hf_model, tol: float, seed: int) -> list[Check]:
+    from .exporter import check
+
+    spec, dtype = manifest.model, manifest.dtype
+    checks = [Check("embed.onnx", check.check_embed(manifest.path("embed"), hf_model, spec, seed), tol, "transformers")]
+    for layer in range(spec.num_layers):
+        err = check.check_layer(manifest.layer_path(layer), hf_model.model.decoder.layers[layer], spec, dtype,
+                                seed + layer)
+        checks.append(Check(f"layer_{layer:02d}.onnx", err, tol, "transformers"))
+    checks.append(Check("head.onnx", check.check_head(manifest.path("head"), hf_model, spec, dtype, seed), tol,
+                        "transformers"))
+    return checks
+
+
+def _hf_model(model):
+    from .exporter.checkpoint import load_model
+
+    return load_model(model)[1]
+
+
+def _prompts(manifest: Manifest, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    spec = manifest.model
+    first = spec.bos_token_id if spec.bos_token_id is not None else 0
+    return [[first, *rng.integers(4, spec.vocab_size, n).tolist()] for n in (5, 1, 8)]
+
+
+def _hf_generate(model, prompts, max_new_tokens: int, pad: int):
+    import torch
+
+    B, Tp = len(prompts), max(map(len, prompts))
+    ids = torch.full((B, Tp), pad)
+    mask = torch.zeros(B, Tp, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, Tp - len(p):] = torch.tensor(p)
+        mask[r, Tp - len(p):] = 1
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad, eos_token_id=None, output_logits=True,
+                             return_dict_in_generate=True)
+    return out.sequences[:, Tp:].tolist(), [s.float().numpy() for s in out.logits]
+
+
+def _compare_decode(label: str, got, want_tokens, want_logits, tol: float, reference: str) -> Check:
+    """Logits are compared while both sides have fed the same tokens; tokens up to the first
+    step whose reference top-2 gap is a near-tie (two correct implementations may differ there)."""
+    error, agree, compared = 0.0, 0, 0
+    for row in range(len(want_tokens)):
+        for step, want in enumerate(want_tokens[row]):
+            top2 = np.sort(want_logits[step][row])[-2:]
+            error = max(error, _relative_error(got.logits[step][row], want_logits[step][row]))
+            if top2[1] - top2[0] < NEAR_TIE:
+                break
+            compared += 1
+            if step >= len(got.tokens[row]) or got.tokens[row][step] != want:
+                break
+            agree += 1
+    return Check(label, error, tol, reference, f"{agree}/{compared}")
+
+
+__all__ = ["Check", "Report", "verify"]

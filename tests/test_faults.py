@@ -1,0 +1,133 @@
+"""Bad input and faults: one clear error each, nothing half-written accepted; concurrency."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+import skipdeploy
+from skipdeploy import Schedule
+from skipdeploy.cli import main
+from skipdeploy.errors import CapacityError, ManifestError, NumericalError
+from skipdeploy.manifest import describe_file
+
+from .conftest import PROMPTS
+
+
+def _copy(export, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(export, copy)
+    return copy
+
+
+def test_unknown_format_version(exports, tmp_path):
+    copy = _copy(exports["tiny"], tmp_path)
+    data = json.loads((copy / "manifest.json").read_text())
+    data["format_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="format_version 99; this skipdeploy reads version 1"):
+        skipdeploy.load(copy)
+    result = CliRunner().invoke(main, ["inspect", str(copy)])
+    assert result.exit_code == 1 and "format_version 99" in result.output
+
+
+def test_cache_that_does_not_fit_says_what_it_needs(exports):
+    rt = skipdeploy.load(exports["tiny"], memory_limit=10_000)
+    # 3 rows x (10 + 7) positions x 4 layers x 2 (K and V) x 64 floats x 4 bytes
+    with pytest.raises(CapacityError, match=r"needs 102.0 KiB for this request and only 9.8 KiB is available"):
+        rt.generate(PROMPTS, 8, Schedule.full(4))
+
+
+def test_nan_logits_name_the_step_and_the_first_layer(exports, tmp_path):
+    copy = _copy(exports["tiny"], tmp_path)
+    path = copy / "layer_02.onnx"
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        if init.name == "fc1.weight":
+            weights = numpy_helper.to_array(init).copy()
+            weights[:, 0] = np.nan
+            init.CopyFrom(numpy_helper.from_array(weights, init.name))
+    onnx.save(model, str(path))
+    data = json.loads((copy / "manifest.json").read_text())
+    data["files"]["layer_02.onnx"] = describe_file(path)  # a consistent, but numerically broken, export
+    (copy / "manifest.json").write_text(json.dumps(data))
+    rt = skipdeploy.load(copy)
+    with pytest.raises(NumericalError, match="generated token 0: first produced by decoder layer 2"):
+        rt.generate(PROMPTS, 4)
+    # A schedule that skips layer 2 after the prompt still fails at the prefill, which runs it.
+    with pytest.raises(NumericalError, match="decoder layer 2"):
+        rt.generate(PROMPTS, 4, Schedule(4, 1, 1, decay_tokens=1))
+
+
+def test_cli_empty_prompt_and_empty_ids(exports):
+    for args in (["--prompt", ""], ["--input-ids", ""]):
+        result = CliRunner().invoke(main, ["generate", str(exports["tiny"]), *args])
+        assert result.exit_code == 1 and "empty" in result.output and "Traceback" not in result.output
+
+
+def test_killed_export_leaves_nothing_accepted_and_rerun_succeeds(checkpoints, tmp_path):
+    out = tmp_path / "killed"
+    code = (f"import skipdeploy, time\n"
+            f"import skipdeploy.exporter.export as e\n"
+            f"orig = e._save\n"
+            f"def slow(proto, path):\n"
+            f"    orig(proto, path)\n"
+            f"    if path.name == 'layer_01.onnx':\n"
+            f"        print('written', flush=True); time.sleep(60)\n"
+            f"e._save = slow\n"
+            f"skipdeploy.export({str(checkpoints['tiny'])!r}, {str(out)!r}, progress=False)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "written"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    partials = list(tmp_path.glob(".killed.partial-*"))
+    assert not out.exists() and len(partials) == 1
+    for target in (out, partials[0]):
+        with pytest.raises(ManifestError):
+            skipdeploy.load(target)
+        for command in ("inspect", "generate"):
+            args = [command, str(target)] + (["--input-ids", "2,3"] if command == "generate" else [])
+            assert CliRunner().invoke(main, args).exit_code == 1
+    skipdeploy.export(checkpoints["tiny"], out, progress=False, log=lambda m: None)
+    assert skipdeploy.load(out).generate([[2, 3]], 2).tokens
+    assert not list(tmp_path.glob(".killed.partial-*")), "the stale partial export was not cleaned up"
+
+
+def test_one_runtime_from_four_threads(exports):
+    rt = skipdeploy.load(exports["tiny"])
+    jobs = [([[2, 7, 8, 9]], Schedule.full(4)), (PROMPTS, Schedule(4, 3, 1, decay_tokens=4)),
+            ([[2, 50], [2, 60, 61]], Schedule(4, 2, 1, decay_tokens=2, warmup_layers=0)),
+            (PROMPTS[::-1], Schedule(4, 4, 2, decay_tokens=6))]
+    alone = [rt.generate(p, 10, s, output_logits=True, eos_token_id=None) for p, s in jobs]
+    results: dict[int, list] = {}
+    errors = []
+
+    def work(i):
+        try:
+            results[i] = [rt.generate(jobs[i][0], 10, jobs[i][1], output_logits=True, eos_token_id=None)
+                          for _ in range(3)]
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    for i, runs in results.items():
+        for run in runs:
+            assert run.tokens == alone[i].tokens
+            assert all(np.array_equal(a, b) for a, b in zip(run.logits, alone[i].logits))
