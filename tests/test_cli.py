@@ -75,6 +75,7 @@ def test_schedule_command(tmp_path):
     (("schedule", "--layers", "12", "--warmup-layers", "20"), "warmup_layers must be <= num_layers=12"),
     (("schedule", "--layers", "12", "--decay-tokens", "0"), "decay_tokens must be >= 1"),
     (("schedule", "--layers", "12", "--target-speedup", "40"), "out of reach"),
+    (("schedule", "--layers", "6", "--table", "5,3,4"), "not monotone: tops[2]=4 > tops[1]=3"),
     (("inspect", "/nonexistent/export"), "does not exist"),
     (("generate", "/nonexistent/export", "--input-ids", "1,2"), "does not exist"),
     (("export", "/nonexistent/checkpoint", "--out", "/tmp/never-written"), "does not exist"),
