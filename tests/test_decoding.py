@@ -105,3 +105,15 @@ def test_stream_yields_each_step_and_returns_the_result(runtimes):
 def test_bad_knobs(runtimes, kwargs, match):
     with pytest.raises(InputError, match=match):
         runtimes["tiny", "onnxruntime"].generate(PROMPTS, **kwargs)
+
+
+def test_a_second_stream_in_the_same_thread_is_refused(runtimes):
+    from skipdeploy.errors import SkipDeployError
+
+    rt = runtimes["tiny", "onnxruntime"]
+    first = rt.stream(PROMPTS, 4)
+    next(first)
+    with pytest.raises(SkipDeployError, match="still iterating another stream"):
+        next(rt.stream(PROMPTS, 4))
+    first.close()
+    assert rt.generate(PROMPTS, 2).tokens

@@ -86,6 +86,7 @@ class Runtime:
         self.memory_limit = memory_limit
         self._tokenizer: Tokenizer | None = None
         self._lock = threading.Lock()  # one cache and one set of bindings per runtime
+        self._owner: int | None = None  # thread holding the lock, to refuse a second stream in it
 
     # -- text ------------------------------------------------------------------------------
     @property
@@ -135,8 +136,15 @@ class Runtime:
         if schedule.num_layers != self.spec.num_layers:
             raise InputError(f"the schedule is for {schedule.num_layers} layers, the model has {self.spec.num_layers}")
         plan = self._plan(input_ids, config, schedule, eos_token_id)
+        if self._owner == threading.get_ident():
+            raise SkipDeployError("this thread is still iterating another stream of this runtime: finish or "
+                                  "close() it first (they share one KV cache)")
         with self._lock:
-            return (yield from self._decode(plan, schedule, output_logits))
+            self._owner = threading.get_ident()
+            try:
+                return (yield from self._decode(plan, schedule, output_logits))
+            finally:
+                self._owner = None
 
     def _decode(self, plan: _Plan, schedule: LayerSchedule, output_logits: bool) -> Iterator[Step]:
         engine, config = self.engine, plan.config
