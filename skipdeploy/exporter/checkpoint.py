@@ -24,8 +24,11 @@ def _looks_local(source: str) -> bool:
 
 def load_config(source: str | os.PathLike) -> Any:
     """The transformers config of ``source`` (a local directory or a hub id), or a clear error."""
+    import logging
+
     from transformers import AutoConfig
 
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # offline retries are not the user's news
     source = str(source)
     path = Path(source).expanduser()
     if path.exists():
