@@ -115,7 +115,8 @@ def _schedule_kwargs(kwargs: dict) -> dict:
               "model's positions].")
 @click.option("--max-batch", type=int, default=64, show_default=True, help="Largest batch the export serves.")
 @schedule_options
-@click.option("--tensorrt", is_flag=True, help="Also build TensorRT engines (needs TensorRT and a GPU).")
+@click.option("--tensorrt", is_flag=True, help="Also build TensorRT engines for this GPU into DIR/engines "
+              "(needs TensorRT and a GPU; see build-engines).")
 @click.option("--force", is_flag=True, help="Replace DIR if it exists (only once the new export is complete).")
 @click.option("--no-check", is_flag=True, help="Skip the per-graph check against PyTorch.")
 def export(model: str, out: Path, dtype: str, opset: int, max_length: int | None, max_batch: int,
@@ -129,7 +130,8 @@ def export(model: str, out: Path, dtype: str, opset: int, max_length: int | None
 
     opts = _schedule_kwargs(kwargs)
     manifest = run_export(model, out, dtype=dtype, opset=opset, max_length=max_length, max_batch=max_batch,
-                          schedule=lambda num_layers: _schedule_from(opts, num_layers, None, 64), force=force,
+                          schedule=(lambda num_layers: _schedule_from(opts, num_layers, None, 64))
+                          if any(v is not None for v in opts.values()) else None, force=force,
                           check_graphs=not no_check, tensorrt=tensorrt, log=lambda m: click.echo(m, err=True))
     click.echo(f"exported {manifest.model.num_layers} layers to {out} "
                f"({_size(manifest.total_bytes)}; default schedule: {manifest.schedule.describe()})")
@@ -275,7 +277,11 @@ def _generation_knobs(kwargs: dict) -> dict:
 @click.option("--input-ids", "input_ids", multiple=True, metavar="1,2,3",
               help="A prompt as comma-separated token ids (repeat for a batch).")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime",
+              show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]),
+              help="Where the backend runs [default: cpu; tensorrt: cuda]. cuda needs onnxruntime-gpu, a CUDA "
+                   "build of torch (fp16, CUDA graphs) or TensorRT engines (build-engines).")
 @schedule_options
 @click.option("--full", is_flag=True, help="Run every layer at every step (no skipping).")
 @sampling_options
@@ -296,6 +302,9 @@ def generate(directory: Path, prompts: tuple[str, ...], input_ids: tuple[str, ..
         raise click.UsageError("give either --prompt or --input-ids (each may be repeated)")
     knobs = _generation_knobs(kwargs)
     options = {"threads": threads} if threads and backend == "onnxruntime" else {}
+    device = kwargs.pop("device", None)
+    if device:
+        options["device"] = device
     runtime = load(directory, backend=backend, **options)
     sched = _schedule_from(_schedule_kwargs(kwargs), runtime.spec.num_layers, runtime.manifest.schedule,
                            max_new_tokens)
@@ -354,8 +363,8 @@ def _stream(runtime, rows, max_new_tokens, sched, knobs):
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--model", type=click.Path(path_type=Path),
               help="The checkpoint the export came from: compare against transformers itself.")
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True,
-              help="Backend to verify.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="Backend to verify (tensorrt: each engine against onnxruntime, then decoding).")
 @click.option("--max-new-tokens", type=int, default=16, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(directory: Path, model: Path | None, backend: str, max_new_tokens: int, as_json: bool) -> None:
@@ -374,25 +383,72 @@ def verify(directory: Path, model: Path | None, backend: str, max_new_tokens: in
         raise click.ClickException(f"verification failed beyond tolerance: {', '.join(failed)}")
 
 
+# -- finetune, eval (defined in skipdeploy/training/commands.py) -----------------------------------
+from .training.commands import eval_command, finetune_command  # noqa: E402
+
+main.add_command(finetune_command)
+main.add_command(eval_command)
+
+
+# -- build-engines ---------------------------------------------------------------------------------
+@main.command("build-engines")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--max-batch", type=int, help="Largest batch [default: the export's --max-batch].")
+@click.option("--max-length", type=int, help="Longest prompt + generation [default: the export's, at most 2048].")
+@click.option("--max-prompt", type=int, help="Longest prompt (prefill chunk) [default: 256].")
+@click.option("--opt-batch", type=int, help="Batch size TensorRT tunes its kernels for [default: 8].")
+@click.option("--force", is_flag=True, help="Rebuild even when engines for this machine are up to date.")
+def build_engines(directory: Path, max_batch: int | None, max_length: int | None, max_prompt: int | None,
+                  opt_batch: int | None, force: bool) -> None:
+    """Build TensorRT engines (one per graph) for this GPU into DIR/engines.
+
+    Engines are keyed by GPU, compute capability, TensorRT version, dtype and profile: the
+    runtime refuses engines built elsewhere and says to run this command. fp16 engines come
+    from an fp16 export (export --dtype float16).
+    """
+    from .engines.tensorrt_build import build_engines as run_build
+
+    entry = run_build(directory, max_batch=max_batch, max_length=max_length, max_prompt=max_prompt,
+                      opt_batch=opt_batch, force=force, log=lambda m: click.echo(m, err=True))
+    meta = entry.metadata
+    click.echo(f"TensorRT engines for {meta['gpu']} (TensorRT {meta['tensorrt']}, {meta['dtype']}) in {entry.directory}")
+
+
+# -- bench (skipdeploy/bench.py) -------------------------------------------------------------------
+from .bench import bench_command  # noqa: E402
+
+main.add_command(bench_command())
+
+
 # -- demo ------------------------------------------------------------------------------------------
 @main.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="Where to write the checkpoint and the export [default: a temporary directory].")
-@click.option("--prompt", default="def greet(name):", show_default=True)
-@click.option("--max-new-tokens", type=int, default=24, show_default=True)
-@click.option("--target-speedup", type=float, default=2.0, show_default=True)
-def demo(workdir: Path | None, prompt: str, max_new_tokens: int, target_speedup: float) -> None:
-    """Offline tour: make a small random OPT checkpoint, export it, and decode with and without skipping.
+@click.option("--prompt", help="Prompt [default: 'def fibonacci(n):' and a newline; random model: 'def greet(name):'].")
+@click.option("--max-new-tokens", type=int, help="Tokens to generate [default: 64; random model: 24].")
+@click.option("--target-speedup", type=float, help="SkipDecode target [default: 3; random model: 2].")
+@click.option("--random", "use_random", is_flag=True, help="Use a random 8-layer model instead of the bundled one.")
+def demo(workdir: Path | None, prompt: str | None, max_new_tokens: int | None, target_speedup: float | None,
+         use_random: bool) -> None:
+    """Offline tour: export the bundled model, complete a Python prompt with and without SkipDecode.
 
-    The weights are random, so the text is noise; what the demo shows is the path (checkpoint,
-    export with checks, runtime) and the layers SkipDecode saves.
+    The bundled model is a small OPT (12 layers, ~7M parameters) trained on Python's standard
+    library and fine-tuned with SkipDecode schedules (see EVAL.md). Without it (or with --random),
+    a random 8-layer checkpoint is made instead: its text is noise, but the path and the layers
+    saved are the same.
     """
     import tempfile
 
     from . import export as run_export
+    from .bundled import bundled_model, run_demo
     from .random_checkpoint import make_checkpoint
     from .runtime import load
 
+    if bundled_model() is not None and not use_random:
+        run_demo(workdir, prompt, max_new_tokens or 64, target_speedup or 3.0, click.echo)
+        return
+    prompt, max_new_tokens = prompt or "def greet(name):", max_new_tokens or 24
+    target_speedup = target_speedup or 2.0
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="skipdeploy-demo-"))
     ckpt = make_checkpoint(workdir / "checkpoint", "small", weight_scale=3.0)

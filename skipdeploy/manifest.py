@@ -82,6 +82,11 @@ class Manifest:
         return self.directory / name if name else None
 
     @property
+    def quantization(self) -> dict[str, Any] | None:
+        """What was quantized (``"weights": "int8"``, the graphs, the method), or None for float weights."""
+        return self.raw.get("quantization") or None
+
+    @property
     def total_bytes(self) -> int:
         return sum(f["size"] for f in self.files.values())
 

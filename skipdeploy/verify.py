@@ -79,7 +79,9 @@ def verify(directory: str | Path, model: str | Path | None = None, backend: str 
     report = Report(str(manifest.directory), backend)
     hf_model = _hf_model(model) if model is not None else None
     tol = GRAPH_TOLERANCE[manifest.dtype]
-    if hf_model is not None and backend == "onnxruntime":
+    if backend == "tensorrt":  # each engine against onnxruntime running the same ONNX graph
+        report.graphs = _engines_against_onnxruntime(runtime.engine, seed)
+    elif hf_model is not None and backend == "onnxruntime":
         report.graphs = _graphs_against_transformers(manifest, hf_model, tol, seed)
     else:
         report.graphs = _graphs_against_reference(runtime.engine, reference.engine, manifest, tol, seed)
@@ -154,6 +156,16 @@ def _graphs_against_reference(engine, ref, manifest: Manifest, tol: float, seed:
     checks.append(Check("head.onnx", _relative_error(engine.head(last), ref.head(_as_engine_hidden(ref, x))), tol,
                         "torch backend"))
     return checks
+
+
+def _engines_against_onnxruntime(engine, seed: int) -> list[Check]:
+    from .engines.tensorrt_engine import compare_with_onnxruntime
+
+    worst: dict[str, dict] = {}
+    for r in compare_with_onnxruntime(engine.manifest.directory, engine=engine, seed=seed):
+        if r["graph"] not in worst or r["error"] > worst[r["graph"]]["error"]:
+            worst[r["graph"]] = r
+    return [Check(f"{g}.onnx", r["error"], r["tolerance"], "onnxruntime") for g, r in worst.items()]
 
 
 def _graphs_against_transformers(manifest: Manifest, hf_model, tol: float, seed: int) -> list[Check]:

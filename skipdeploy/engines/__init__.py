@@ -7,19 +7,47 @@ from ..errors import BackendError
 from ..manifest import Manifest
 from .base import Engine, KVCache
 
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
+DEVICES = ("cpu", "cuda")
 
 
-def create_engine(name: str, manifest: Manifest, **options) -> Engine:
+def create_engine(name: str, manifest: Manifest, device: str | None = None, **options) -> Engine:
+    """``device`` (None = the backend's default): onnxruntime and torch run on "cpu" (default)
+    or "cuda"; tensorrt runs on "cuda" only. Other options go to the backend's constructor."""
+    kind, index = _parse_device(device)
+    if index is not None:
+        options["device_id"] = index
     if name == "onnxruntime":
+        if kind == "cuda":
+            from .ortvalue_engine import OrtValueEngine
+
+            return OrtValueEngine(manifest, device="cuda", **options)
         from .onnxruntime_engine import OnnxRuntimeEngine
 
         return OnnxRuntimeEngine(manifest, **options)
     if name == "torch":
         from .torch_engine import TorchEngine
 
-        return TorchEngine(manifest, **options)
+        index = options.pop("device_id", None)
+        kind = kind or "cpu"
+        return TorchEngine(manifest, device=kind if index is None else f"{kind}:{index}", **options)
+    if name == "tensorrt":
+        if kind == "cpu":
+            raise BackendError("the tensorrt backend runs on an NVIDIA GPU only (device 'cuda')")
+        from .tensorrt_engine import TensorRTEngine
+
+        return TensorRTEngine(manifest, **options)
     raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "Engine", "KVCache", "create_engine"]
+def _parse_device(device: str | None) -> tuple[str | None, int | None]:
+    """"cpu", "cuda" or "cuda:N" as (kind, index); None keeps the backend's default."""
+    if device is None:
+        return None, None
+    kind, _, index = str(device).partition(":")
+    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+        raise BackendError(f"unknown device {device!r}; choose one of cpu, cuda, cuda:N")
+    return kind, int(index) if index else None
+
+
+__all__ = ["BACKENDS", "DEVICES", "Engine", "KVCache", "create_engine"]

@@ -3,6 +3,14 @@
 The runtime owns the decoding loop and the bookkeeping (valid lengths, masks, positions); an
 engine owns device memory and kernels. Hidden states are opaque engine objects that the runtime
 only passes from one call to the next; token ids, positions, masks and logits are numpy.
+
+An engine may defer work: the torch CUDA engine returns a pending step from ``embed`` for one new
+position, the ``layer`` calls only record the step's layer set, and ``head`` runs the whole step
+as one captured CUDA graph. So a layer's keys and values are guaranteed in the cache once
+``head`` has returned, not before. A hidden-state object is a torch tensor or something
+``numpy.asarray`` reads (running deferred work if needed): the runtime's diagnosis of non-finite
+logits and ``verify`` read them that way. The logits array ``head`` returns may be a buffer the
+engine reuses at its next call: copy it to keep it.
 """
 
 from __future__ import annotations

@@ -1,11 +1,25 @@
-"""The PyTorch reference backend: the same math as the graphs, on the weights the export holds.
+"""The PyTorch backend: the same math as the graphs, on the weights the export holds, on CPU or CUDA.
 
 It reads the initializers of the exported ONNX files (so it needs no checkpoint) and runs them
 with plain torch ops, writing keys and values into a preallocated sequence-major cache in place.
-It is the reference that the onnxruntime backend is compared with under skip schedules.
+
+Two decode paths share the layer math:
+
+- the dynamic path (the CPU default, and every prefill): attention over the valid prefix
+  ``cache[:past+T]``; it is the reference that the other backends are compared with;
+- the static-cache path (the CUDA default, ``static_cache=True`` anywhere): for a decode step
+  (T = 1) attention runs over the layer's WHOLE buffer, masked beyond the write position, and the
+  new key/value is written with ``index_copy_`` at a position held in a device tensor. Every
+  shape and address of a step is then fixed, so on CUDA the whole step (embed, the step's
+  layers, head) is captured once per (layer set, batch) as a CUDA graph and replayed: a
+  schedule has at most L distinct layer sets. ``embed`` returns a pending step for T = 1, the
+  ``layer`` calls record the layer set, and ``head`` replays the graph (DESIGN.md section 6).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +37,11 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 MASK_VALUE = -1e9
 _TORCH = {"float32": torch.float32, "float16": torch.float16}
+# Static-cache buffers grow in steps of this many positions, so that nearby request sizes share
+# buffers (and captured graphs).
+BUCKET = 64
+# Pools (buffers and graphs) kept for this many batch sizes at once.
+MAX_POOLS = 4
 
 
 def _weights(path) -> dict[str, "torch.Tensor"]:
@@ -31,35 +50,165 @@ def _weights(path) -> dict[str, "torch.Tensor"]:
             if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and init.dims}
 
 
+def _keep_fp32(name: str) -> bool:
+    """LayerNorm parameters stay float32 (the graphs normalize in float32 too)."""
+    return name.startswith(("ln_", "final_layer_norm"))
+
+
+@dataclass
+class _Pool:
+    """Static-cache state for one batch size: cache buffers, step inputs, captured graphs."""
+
+    batch: int
+    keys: list[Any]
+    values: list[Any]
+    bias: Any = None              # [B, C_max] float32: attention bias of the current step
+    ints: Any = None              # int64 [2B + 1]: token ids, positions, write position
+    logits: Any = None            # [B, V] float32, the step's output
+    host_ints: Any = None         # pinned staging (CUDA) for ints, bias and logits
+    host_bias: Any = None
+    host_logits: Any = None
+    arange: Any = None            # int64 [C_max]
+    graphs: dict = field(default_factory=dict)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.bias is None else self.bias.shape[1]
+
+
+class _PendingStep:
+    """A decode step whose work is deferred until ``head`` (so it can run as one CUDA graph).
+
+    Hidden states are opaque to the runtime; when something does read this one as an array
+    (e.g. the runtime's non-finite diagnosis), the step is run eagerly up to here.
+    """
+
+    def __init__(self, engine: "TorchEngine", ids: np.ndarray, positions: np.ndarray,
+                 layers: tuple[int, ...] = (), cache: KVCache | None = None, past: int = -1,
+                 bias: np.ndarray | None = None) -> None:
+        self.engine, self.ids, self.positions = engine, ids, positions
+        self.layers, self.cache, self.past, self.bias = layers, cache, past, bias
+        self.shape = (ids.shape[0], 1, engine.spec.hidden_size)
+
+    def then(self, index: int, cache: KVCache, past: int, bias: np.ndarray) -> "_PendingStep":
+        if self.layers and (cache is not self.cache or past != self.past or bias.shape != self.bias.shape):
+            raise BackendError("internal error: the layers of one decode step disagree on cache, past or bias")
+        return _PendingStep(self.engine, self.ids, self.positions, self.layers + (index,), cache, past, bias)
+
+    def materialize(self) -> "torch.Tensor":
+        return self.engine._run_pending(self, eager_hidden=True)
+
+    def __array__(self, dtype=None, copy=None):
+        array = self.materialize().float().cpu().numpy()
+        return array if dtype is None else array.astype(dtype)
+
+
 class TorchEngine(Engine):
     name = "torch"
 
-    def __init__(self, manifest: Manifest, device: str = "cpu") -> None:
+    def __init__(self, manifest: Manifest, device: str = "cpu", dtype: str | None = None,
+                 cuda_graphs: bool | None = None, static_cache: bool | None = None) -> None:
         super().__init__(manifest)
-        self.device = torch.device(device)
-        self.dtype = _TORCH[manifest.dtype]
-        to = dict(device=self.device)
-        self.embed_w = {k: v.to(**to) for k, v in _weights(manifest.path("embed")).items()}
-        self.layer_w = [{k: v.to(**to) for k, v in _weights(manifest.layer_path(i)).items()}
-                        for i in range(self.spec.num_layers)]
-        self.head_w = {k: v.to(**to) for k, v in _weights(manifest.path("head")).items()}
+        if manifest.raw.get("quantization"):  # int8 graphs hold no float weights to read
+            raise BackendError(f"{manifest.directory} has {manifest.raw['quantization'].get('weights')} weights; "
+                               "the torch backend runs float exports: use the onnxruntime backend, or the "
+                               "float32 export it was quantized from")
+        self.device = _device(device)
+        cuda = self.device.type == "cuda"
+        if dtype is None:
+            dtype = "float16" if cuda else manifest.dtype
+        if dtype not in _TORCH:
+            raise BackendError(f"the torch backend runs float32 or float16 (got dtype {dtype!r})")
+        self.dtype = _TORCH[dtype]
+        if cuda_graphs is None:
+            cuda_graphs = cuda
+        if cuda_graphs and not cuda:
+            raise BackendError("CUDA graphs need device='cuda'")
+        self.cuda_graphs = bool(cuda_graphs)
+        self.static_cache = bool(cuda_graphs if static_cache is None else static_cache)
+        if self.cuda_graphs and not self.static_cache:
+            raise BackendError("CUDA graphs need the static-cache decode path (static_cache=True)")
+        self.embed_w = self._load(manifest.path("embed"))
+        self.layer_w = [self._load(manifest.layer_path(i)) for i in range(self.spec.num_layers)]
+        self.head_w = self._load(manifest.path("head"))
+        self._pools: dict[int, _Pool] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self.stats = {"captures": 0, "replays": 0, "static_steps": 0}
+        self.step_layer_sets: set[tuple[int, tuple[int, ...]]] = set()  # (batch, layers) of static steps
 
+    def _load(self, path) -> dict[str, "torch.Tensor"]:
+        return {k: v.to(device=self.device, dtype=torch.float32 if _keep_fp32(k) else self.dtype)
+                for k, v in _weights(path).items()}
+
+    # -- cache -------------------------------------------------------------------------------
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
         H, D = self.spec.num_heads, self.spec.head_dim
-        shape = [(cap, batch, H, D) for cap in capacities]
-        keys = [torch.empty(s, dtype=self.dtype, device=self.device) for s in shape]
-        values = [torch.empty(s, dtype=self.dtype, device=self.device) for s in shape]
-        return KVCache(keys, values, capacities, batch)
+        if not self.static_cache:
+            shape = [(cap, batch, H, D) for cap in capacities]
+            keys = [torch.empty(s, dtype=self.dtype, device=self.device) for s in shape]
+            values = [torch.empty(s, dtype=self.dtype, device=self.device) for s in shape]
+            return KVCache(keys, values, capacities, batch)
+        pool = self._pool(capacities, batch)
+        cache = KVCache([k[:cap] for k, cap in zip(pool.keys, capacities)],
+                        [v[:cap] for v, cap in zip(pool.values, capacities)], capacities, batch)
+        cache.pool = pool  # the full buffers, which the static path attends over
+        return cache
 
+    def _pool(self, capacities: list[int], batch: int) -> _Pool:
+        """Buffers for ``batch`` rows that hold at least ``capacities``; they only ever grow (by
+        BUCKET positions), and growing drops the graphs captured on the old addresses. Zeroed at
+        allocation: masked positions are multiplied by zero weights, and 0 x NaN would be NaN."""
+        H, D, L = self.spec.num_heads, self.spec.head_dim, self.spec.num_layers
+        pool = self._pools.pop(batch, None)
+        if pool is None:
+            if len(self._pools) >= MAX_POOLS:
+                self._pools.pop(next(iter(self._pools)))
+            pool = _Pool(batch, [None] * L, [None] * L)
+        self._pools[batch] = pool  # most recently used last
+        grown = False
+        for layer, cap in enumerate(capacities):
+            if pool.keys[layer] is None or pool.keys[layer].shape[0] < cap:
+                size = _round_up(cap, BUCKET)
+                pool.keys[layer] = torch.zeros((size, batch, H, D), dtype=self.dtype, device=self.device)
+                pool.values[layer] = torch.zeros((size, batch, H, D), dtype=self.dtype, device=self.device)
+                grown = True
+        width = max(k.shape[0] for k in pool.keys)
+        if pool.bias is None or pool.capacity < width:
+            pool.bias = torch.zeros((batch, width), dtype=torch.float32, device=self.device)
+            pool.arange = torch.arange(width, device=self.device)
+            if self.device.type == "cuda":
+                pool.host_bias = torch.zeros((batch, width), dtype=torch.float32, pin_memory=True)
+            grown = True
+        if pool.ints is None:
+            pool.ints = torch.zeros(2 * batch + 1, dtype=torch.long, device=self.device)
+            pool.logits = torch.zeros((batch, self.spec.vocab_size), dtype=torch.float32, device=self.device)
+            if self.device.type == "cuda":
+                pool.host_ints = torch.zeros(2 * batch + 1, dtype=torch.long, pin_memory=True)
+                pool.host_logits = torch.zeros((batch, self.spec.vocab_size), dtype=torch.float32,
+                                               pin_memory=True)
+        if grown:
+            pool.graphs.clear()
+        return pool
+
+    def pooled_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pool in self._pools.values()
+                   for t in pool.keys + pool.values if t is not None)
+
+    # -- graphs ------------------------------------------------------------------------------
     @torch.no_grad()
-    def embed(self, input_ids: np.ndarray, position_ids: np.ndarray) -> "torch.Tensor":
+    def embed(self, input_ids: np.ndarray, position_ids: np.ndarray):
+        if self.static_cache and input_ids.shape[1] == 1:
+            return _PendingStep(self, np.asarray(input_ids, np.int64), np.asarray(position_ids, np.int64))
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.as_tensor(position_ids, dtype=torch.long, device=self.device)
+        return self._embed(ids, pos)
+
+    def _embed(self, ids, pos):
         w = self.embed_w
-        x = w["embed_tokens.weight"][ids]
+        x = torch.nn.functional.embedding(ids, w["embed_tokens.weight"])
         if "project_in.weight" in w:
             x = x @ w["project_in.weight"]
-        return x + w["embed_positions.weight"][pos + 2]
+        return x + torch.nn.functional.embedding(pos + 2, w["embed_positions.weight"])
 
     def _layer_norm(self, x, weight, bias):
         y = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), weight, bias, 1e-5)
@@ -69,17 +218,28 @@ class TorchEngine(Engine):
         y = x @ w[f"{name}.weight"]
         return y + w[f"{name}.bias"] if f"{name}.bias" in w else y
 
+    def _check_capacity(self, index: int, cache: KVCache, past: int, new: int) -> None:
+        if past + new > cache.capacities[index]:
+            raise BackendError(f"layer {index}: writing positions {past}..{past + new - 1} would overflow "
+                               f"its cache of {cache.capacities[index]} positions")
+
     @torch.no_grad()
     def layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray):
+        if isinstance(hidden, _PendingStep):
+            self._check_capacity(index, cache, past, 1)
+            if attention_bias.shape != (hidden.shape[0], past + 1):
+                raise BackendError(f"layer {index}: attention bias must be [{hidden.shape[0]}, {past + 1}]")
+            return hidden.then(index, cache, past, attention_bias)
+        B, T, E = hidden.shape
+        self._check_capacity(index, cache, past, T)
+        return self._dynamic_layer(index, hidden, cache, past, attention_bias)
+
+    def _dynamic_layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray):
+        """Attention over the valid prefix ``[:past+T]`` (the reference path)."""
         B, T, E = hidden.shape
         H, D = self.spec.num_heads, self.spec.head_dim
-        if past + T > cache.capacities[index]:
-            raise BackendError(f"layer {index}: writing positions {past}..{past + T - 1} would overflow "
-                               f"its cache of {cache.capacities[index]} positions")
         w = self.layer_w[index]
-        pre = self.spec.layer_norm == "pre"
-        x = hidden
-        h = self._layer_norm(x, w["ln_attn.weight"], w["ln_attn.bias"]) if pre else x
+        x, h = self._attention_input(hidden, w)
         q, k, v = self._linear(h, w, "qkv").split(E, dim=-1)
         keys, values = cache.keys[index], cache.values[index]
         keys[past:past + T] = k.view(B, T, H, D).transpose(0, 1)
@@ -94,6 +254,35 @@ class TorchEngine(Engine):
         bias = torch.as_tensor(attention_bias, dtype=torch.float32, device=self.device)
         probs = torch.softmax(scores + causal + bias[:, None, None, :], dim=-1).to(self.dtype)
         context = (probs @ V).transpose(1, 2).reshape(B, T, E)
+        return self._layer_output(x, context, w)
+
+    def _static_layer(self, index: int, hidden, pool: _Pool):
+        """One decode position: write its key/value at the device-held position, then attend over
+        the layer's whole buffer, masking keys beyond that position. No host sync, fixed shapes."""
+        B, T, E = hidden.shape
+        H, D = self.spec.num_heads, self.spec.head_dim
+        w = self.layer_w[index]
+        x, h = self._attention_input(hidden, w)
+        q, k, v = self._linear(h, w, "qkv").split(E, dim=-1)
+        keys, values = pool.keys[index], pool.values[index]            # [C,B,H,D]
+        C = keys.shape[0]
+        where = pool.ints[2 * B:2 * B + 1]                               # [1] write position
+        keys.index_copy_(0, where, k.view(B, T, H, D).transpose(0, 1))
+        values.index_copy_(0, where, v.view(B, T, H, D).transpose(0, 1))
+        q = q.view(B, T, H, D).transpose(1, 2)                          # [B,H,1,D]
+        scores = (q @ keys.permute(1, 2, 3, 0)).float()                 # [B,H,1,C]
+        visible = pool.arange[:C] <= where                               # [C]
+        scores = torch.where(visible, scores + pool.bias[:, None, None, :C], MASK_VALUE)
+        probs = torch.softmax(scores, dim=-1).to(self.dtype)
+        context = (probs @ values.permute(1, 2, 0, 3)).transpose(1, 2).reshape(B, T, E)
+        return self._layer_output(x, context, w)
+
+    def _attention_input(self, hidden, w):
+        pre = self.spec.layer_norm == "pre"
+        return hidden, (self._layer_norm(hidden, w["ln_attn.weight"], w["ln_attn.bias"]) if pre else hidden)
+
+    def _layer_output(self, x, context, w):
+        pre = self.spec.layer_norm == "pre"
         x = x + self._linear(context, w, "out_proj")
         if not pre:
             x = self._layer_norm(x, w["ln_attn.weight"], w["ln_attn.bias"])
@@ -107,16 +296,125 @@ class TorchEngine(Engine):
 
     @torch.no_grad()
     def head(self, hidden) -> np.ndarray:
+        if isinstance(hidden, _PendingStep):
+            return self._run_pending(hidden)
+        return self._head(hidden).cpu().numpy()
+
+    def _head(self, hidden):
         w = self.head_w
         x = hidden[:, -1, :]
         if "final_layer_norm.weight" in w:
             x = self._layer_norm(x, w["final_layer_norm.weight"], w["final_layer_norm.bias"])
         if "project_out.weight" in w:
             x = x @ w["project_out.weight"]
-        return (x @ w["lm_head.weight"].T).float().cpu().numpy()
+        return (x @ w["lm_head.weight"].T).float()
 
+    # -- static decode steps -------------------------------------------------------------------
+    def _step(self, pool: _Pool, layers: tuple[int, ...]) -> None:
+        """The whole decode step on the pool's fixed buffers; what a CUDA graph captures."""
+        B = pool.batch
+        x = self._embed(pool.ints[:B].view(B, 1), pool.ints[B:2 * B].view(B, 1))
+        for index in layers:
+            x = self._static_layer(index, x, pool)
+        pool.logits.copy_(self._head(x))
+
+    def _stage(self, pool: _Pool, step: _PendingStep) -> None:
+        """Copy the step's inputs into the pool's fixed input buffers."""
+        B, n = pool.batch, step.past + 1
+        if pool.host_ints is not None:  # CUDA: through pinned memory, asynchronously
+            ints = pool.host_ints.numpy()
+            ints[:B], ints[B:2 * B], ints[2 * B] = step.ids[:, 0], step.positions[:, 0], step.past
+            pool.host_bias.numpy()[:, :n] = step.bias
+            pool.ints.copy_(pool.host_ints, non_blocking=True)
+            pool.bias.copy_(pool.host_bias, non_blocking=True)
+        else:
+            pool.ints[:B] = torch.from_numpy(step.ids[:, 0])
+            pool.ints[B:2 * B] = torch.from_numpy(step.positions[:, 0])
+            pool.ints[2 * B] = step.past
+            pool.bias[:, :n] = torch.from_numpy(np.ascontiguousarray(step.bias, np.float32))
+
+    @torch.no_grad()
+    def _run_pending(self, step: _PendingStep, eager_hidden: bool = False):
+        B = step.ids.shape[0]
+        if not step.layers:  # embed straight into the head: nothing to cache
+            x = self._embed(torch.as_tensor(step.ids, device=self.device),
+                            torch.as_tensor(step.positions, device=self.device))
+            return x if eager_hidden else self._head(x).cpu().numpy()
+        pool = getattr(step.cache, "pool", None)
+        if pool is None or pool.batch != B:
+            raise BackendError("internal error: a decode step's cache was not allocated by this engine")
+        self._stage(pool, step)
+        self.step_layer_sets.add((B, step.layers))
+        self.stats["static_steps"] += 1
+        if eager_hidden:  # run up to here without capture, return the hidden states
+            x = self._embed(pool.ints[:B].view(B, 1), pool.ints[B:2 * B].view(B, 1))
+            for index in step.layers:
+                x = self._static_layer(index, x, pool)
+            return x
+        if self.cuda_graphs:
+            graph = pool.graphs.get(step.layers)
+            if graph is None:
+                graph = pool.graphs[step.layers] = self._capture(pool, step.layers)
+            graph.replay()
+            self.stats["replays"] += 1
+            pool.host_logits.copy_(pool.logits, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            return pool.host_logits.numpy()
+        self._step(pool, step.layers)
+        return pool.logits.cpu().numpy()
+
+    def _capture(self, pool: _Pool, layers: tuple[int, ...]):
+        """Capture the step for ``layers``. The warm-up run on a side stream computes exactly
+        what the replay will (same staged inputs), so its cache writes are harmless."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._step(pool, layers)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                self._step(pool, layers)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BackendError(f"CUDA graph capture failed ({first}); load the torch backend with "
+                               "cuda_graphs=False to decode without graphs") from None
+        self.stats["captures"] += 1
+        return graph
+
+    def graph_keys(self) -> set[tuple[int, tuple[int, ...]]]:
+        """(batch, layer set) of every CUDA graph currently held."""
+        return {(b, layers) for b, pool in self._pools.items() for layers in pool.graphs}
+
+    # -- memory --------------------------------------------------------------------------------
     def available_memory(self) -> int | None:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free)
+            return int(free) + self.pooled_bytes()  # pooled buffers are reused, not added to
         return super().available_memory()
+
+    def close(self) -> None:
+        self._pools.clear()
+
+
+def _round_up(n: int, step: int) -> int:
+    return max(step, -(-n // step) * step)
+
+
+def _device(device: str) -> "torch.device":
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BackendError(f"unknown torch device {device!r}; use 'cpu' or 'cuda' (or 'cuda:N')") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise BackendError(f"the torch backend on {device} needs an NVIDIA GPU and a CUDA build of torch "
+                               f"(this is torch {torch.__version__}, {build}, and sees no GPU)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BackendError(f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise BackendError(f"the torch backend runs on 'cpu' or 'cuda' (got {device!r})")
+    return dev

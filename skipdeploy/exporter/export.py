@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import onnx
+from onnx import external_data_helper
 
 from .. import __version__
 from ..errors import BackendError, ExportError, SkipDeployError
@@ -25,6 +26,9 @@ TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 # Past this many bytes of weights a graph keeps them in a side file (protobuf caps files at 2 GiB).
 EXTERNAL_DATA_BYTES = 1 << 30
 TOKENIZER_FILE = "tokenizer.json"
+# The token-embedding matrix, stored once as ONNX external data that embed.onnx and (when the LM
+# head is tied to it, as in OPT) head.onnx both reference: the runtime then holds it once.
+SHARED_EMBEDDINGS = "embeddings.bin"
 
 
 def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",
@@ -60,6 +64,10 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
                           f"(got {max_length})")
     if callable(schedule):
         schedule = schedule(spec.num_layers)
+    # A checkpoint fine-tuned by `skipdeploy finetune` names its schedule in config.json (skipdecode).
+    stored = getattr(hf_model.config, "skipdecode", None)
+    if schedule is None and isinstance(stored, dict) and stored.get("schedule"):
+        schedule = LayerSchedule.from_dict(stored["schedule"])
     schedule = schedule or Schedule.full(spec.num_layers)
     if schedule.num_layers != spec.num_layers:
         raise ExportError(f"the schedule is for {schedule.num_layers} layers, the model has {spec.num_layers}")
@@ -69,7 +77,8 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        errors = _write_graphs(tmp, spec, hf_model, dtype, opset, check_graphs, progress)
+        data: dict[str, list[str]] = {}  # graph file -> the external data files it reads
+        errors = _write_graphs(tmp, spec, hf_model, dtype, opset, check_graphs, progress, data)
         worst = max(errors, key=errors.get) if errors else None
         if worst is not None:
             log(f"checked {len(errors)} graphs against PyTorch: max abs error {errors[worst]:.2e} ({worst})")
@@ -90,9 +99,9 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
             "kv_layout": KV_LAYOUT,
             "schedule": schedule.to_dict(),
             "limits": {"max_batch": max_batch, "max_length": max_length},
-            "graphs": {"embed": {"file": "embed.onnx", **EMBED_IO},
-                       "layers": [{"file": _layer_file(i), **LAYER_IO} for i in range(spec.num_layers)],
-                       "head": {"file": "head.onnx", **HEAD_IO}},
+            "graphs": {"embed": _graph_entry("embed.onnx", EMBED_IO, data),
+                       "layers": [_graph_entry(_layer_file(i), LAYER_IO, data) for i in range(spec.num_layers)],
+                       "head": _graph_entry("head.onnx", HEAD_IO, data)},
             "tokenizer": tokenizer,
             "files": files,
             "check": {"tolerance": TOLERANCE[dtype], "max_abs_error": errors},
@@ -106,6 +115,10 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     manifest.directory = out
+    if tensorrt:  # the export is complete and valid on its own; engines are cache entries beside it
+        from ..engines.tensorrt_build import build_engines
+
+        build_engines(out, log=log)
     return manifest
 
 
@@ -122,22 +135,34 @@ def _remove_stale_partials(out: Path) -> None:
 
 
 def _require_tensorrt() -> None:
+    """Fail before exporting, in one line, when TensorRT or a GPU is missing."""
+    from ..engines.tensorrt_build import require_tensorrt
+
     try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        raise BackendError("--tensorrt needs the TensorRT Python package and an NVIDIA GPU; export without "
-                           "--tensorrt here and build engines on the GPU machine") from None
-    raise BackendError("TensorRT engine building is not available in this skipdeploy version yet; "
-                       "export without --tensorrt and use the onnxruntime backend")
+        require_tensorrt()
+    except BackendError as exc:
+        raise BackendError(f"--tensorrt: {exc}; export without --tensorrt here and run "
+                           "`skipdeploy build-engines DIR` on the GPU machine") from None
 
 
 def _layer_file(index: int) -> str:
     return f"layer_{index:02d}.onnx"
 
 
+def _graph_entry(filename: str, io: dict, data: dict[str, list[str]]) -> dict:
+    entry = {"file": filename, **io}
+    if data.get(filename):
+        entry["data"] = data[filename]
+    return entry
+
+
 def _write_graphs(tmp: Path, spec, hf_model, dtype: str, opset: int, check_graphs: bool,
-                  progress: bool | None) -> dict[str, float]:
-    from tqdm.auto import tqdm
+                  progress: bool | None, data: dict[str, list[str]] | None = None) -> dict[str, float]:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # a progress bar is optional (GPU images may lack tqdm)
+        def tqdm(items, **_):
+            return _NoBar(items)
 
     jobs = [("embed", "embed.onnx"), *((i, _layer_file(i)) for i in range(spec.num_layers)), ("head", "head.onnx")]
     errors: dict[str, float] = {}
@@ -158,7 +183,15 @@ def _write_graphs(tmp: Path, spec, hf_model, dtype: str, opset: int, check_graph
         frozen = graphs.check_symbolic_dims(proto, kind)
         if frozen:
             raise ExportError(f"{filename}: dimensions frozen to a number: {', '.join(frozen)}")
+        files = []
+        if job in ("embed", "head") and _share_embeddings(
+                proto, tmp, "embed_tokens.weight" if job == "embed" else "lm_head.weight"):
+            files.append(SHARED_EMBEDDINGS)
         _save(proto, path)
+        if (tmp / (filename + ".data")).is_file():  # a graph over 1 GiB keeps its weights aside
+            files.append(filename + ".data")
+        if data is not None and files:
+            data[filename] = files
         if check_graphs:
             seed = 1234 + len(errors)
             if job == "embed":
@@ -169,6 +202,35 @@ def _write_graphs(tmp: Path, spec, hf_model, dtype: str, opset: int, check_graph
                 errors[filename] = check.check_layer(path, hf_model.model.decoder.layers[job], spec, dtype, seed)
     bar.close()
     return errors
+
+
+def _share_embeddings(proto: onnx.ModelProto, tmp: Path, name: str) -> bool:
+    """Move the token-embedding matrix into ``embeddings.bin`` (written with the embed graph) and
+    point the head's matrix at the same bytes when they are identical (a tied head).
+
+    onnxruntime maps external data instead of copying it, so the embedding costs only the rows
+    it gathers, and a tied model keeps one copy of its largest matrix instead of two.
+    """
+    tensor = next((t for t in proto.graph.initializer if t.name == name), None)
+    if tensor is None or not tensor.HasField("raw_data"):
+        return False
+    data, path = tensor.raw_data, tmp / SHARED_EMBEDDINGS
+    if name == "embed_tokens.weight":
+        path.write_bytes(data)
+    elif not path.is_file() or path.stat().st_size != len(data) or path.read_bytes() != data:
+        return False  # an untied head keeps its own matrix inside head.onnx
+    external_data_helper.set_external_data(tensor, SHARED_EMBEDDINGS, offset=0, length=len(data))
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    return True
+
+
+class _NoBar(list):
+    def set_postfix_str(self, *_):
+        pass
+
+    def close(self):
+        pass
 
 
 def _save(proto: onnx.ModelProto, path: Path) -> None:

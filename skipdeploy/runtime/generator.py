@@ -115,6 +115,46 @@ class Runtime:
             except StopIteration as done:
                 return done.value
 
+    def score(self, input_ids: Sequence[Sequence[int]], context_length: int,
+              schedule: LayerSchedule | None = None) -> np.ndarray:
+        """Teacher-forced log-probabilities ``[B, S - c]`` of tokens ``c .. S-1`` under ``schedule``.
+
+        Rows are unpadded and of one length ``S``; the first ``c = context_length`` tokens are the
+        prompt (prefill with the prompt layers, whose logits score token ``c``); then the TRUE token
+        ``c + j`` is fed at decode step ``j`` with ``schedule.layers(j)``, whose logits score token
+        ``c + j + 1``: exactly the forwards ``generate`` would run had it produced these tokens.
+        """
+        rows = _rows(input_ids, self.spec.vocab_size)
+        S = len(rows[0])
+        if any(len(r) != S for r in rows):
+            raise InputError("score needs rows of one length (no padding)")
+        if not 1 <= context_length < S:
+            raise InputError(f"context_length must be in [1, {S - 1}] for rows of {S} tokens (got {context_length})")
+        schedule = schedule or self.manifest.schedule
+        if schedule.num_layers != self.spec.num_layers:
+            raise InputError(f"the schedule is for {schedule.num_layers} layers, the model has {self.spec.num_layers}")
+        c, N = context_length, S - context_length
+        ids = np.array(rows, np.int64)
+        plan = self._plan([r[:c] for r in rows], GenerationConfig(max_new_tokens=N), schedule, None)
+        out = np.empty((len(rows), N), np.float64)
+        if self._owner == threading.get_ident():
+            raise SkipDeployError("this thread is still iterating a stream of this runtime: finish or close() it "
+                                  "first (they share one KV cache)")
+        with self._lock:
+            cache = self._allocate(plan.capacities, len(rows))
+            positions = np.broadcast_to(np.arange(c, dtype=np.int64), (len(rows), c))
+            logits = self._forward(ids[:, :c], positions, schedule.prompt_layers(), cache, 0,
+                                   np.ascontiguousarray(plan.bias[:, :c]), token=0)
+            for j in range(N):
+                out[:, j] = _log_softmax(logits)[np.arange(len(rows)), ids[:, c + j]]
+                if j == N - 1:
+                    break
+                past = c + j
+                logits = self._forward(ids[:, past:past + 1], np.full((len(rows), 1), past, np.int64),
+                                       schedule.layers(j), cache, past, np.ascontiguousarray(plan.bias[:, :past + 1]),
+                                       token=j + 1)
+        return out
+
     def stream(self, input_ids: Sequence[Sequence[int]], max_new_tokens: int | None = None,
                schedule: LayerSchedule | None = None, *, config: GenerationConfig | None = None,
                eos_token_id=_DEFAULT, output_logits: bool = False, **knobs) -> Iterator[Step]:
@@ -363,3 +403,9 @@ def load(directory: str | Path, backend: str = "onnxruntime", verify: bool = Tru
     """
     manifest = read_manifest(directory, verify=verify)
     return Runtime(manifest, create_engine(backend, manifest, **options), memory_limit=memory_limit)
+
+
+def _log_softmax(logits) -> np.ndarray:
+    x = np.asarray(_host(logits), np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))

@@ -1,0 +1,355 @@
+"""TensorRT backend: one engine per graph, device buffers bound by address, one CUDA stream.
+
+Engines come from ``skipdeploy build-engines DIR`` (see ``tensorrt_build``) and are picked for
+this GPU and TensorRT version; a mismatch is a one-line error that says how to rebuild. Per
+call the runtime sets input shapes (``set_input_shape``), binds every tensor by address
+(``set_tensor_address``): ``past_key`` at the start of the layer's cache buffer, the ``key``
+output straight into the slot after the valid prefix, and enqueues with ``execute_async_v3`` on
+the backend's single stream. Nothing is copied per step but the token ids, positions and bias
+(host to device) and the logits (device to host). All execution contexts share one block of
+activation memory (they never run at the same time).
+
+Every layer's cache has one masked slot in front of position 0 (``PAST_PAD``), so that no
+engine ever sees an empty past; the bias gets a masked column in front to match.
+
+Device memory comes from torch or CuPy (``cuda_memory``), whichever is installed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import BackendError
+from ..manifest import Manifest
+from .base import Engine, KVCache
+from .cuda_memory import CudaMemory, DeviceBuffer, gpu_identity
+from .ortvalue_engine import pad_bias
+from .tensorrt_build import (DECODE_PROFILE, PAST_PAD, PREFILL_PROFILE, REBUILD, build_engines, find_engines,
+                             import_tensorrt)
+
+_NP = {"float32": np.float32, "float16": np.float16}
+ALIGNMENT = 256  # bytes; IExecutionContext::setTensorAddress requires it
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+class DeviceTensor:
+    """A typed view of device memory; ``np.asarray(x)`` copies it to the host."""
+
+    def __init__(self, memory: CudaMemory, buffer: DeviceBuffer, shape, dtype, offset: int = 0) -> None:
+        self.memory, self.buffer, self.shape, self.dtype, self.offset = memory, buffer, tuple(shape), np.dtype(dtype), offset
+
+    @property
+    def ptr(self) -> int:
+        return self.buffer.ptr + self.offset
+
+    def __array__(self, dtype=None, copy=None):
+        host = np.empty(self.shape, self.dtype)
+        self.memory.download(host, self.buffer, self.offset)
+        return host if dtype is None else host.astype(dtype)
+
+
+def _np_dtype(trt, dtype) -> np.dtype:
+    mapping = {trt.float32: np.float32, trt.float16: np.float16, trt.int32: np.int32, trt.int8: np.int8,
+               trt.bool: np.bool_}
+    if hasattr(trt, "int64"):
+        mapping[trt.int64] = np.int64
+    return np.dtype(mapping[dtype] if dtype in mapping else trt.nptype(dtype))
+
+
+class _Graph:
+    """One deserialized engine and an execution context per optimization profile."""
+
+    def __init__(self, trt, runtime, path) -> None:
+        self.trt, self.name = trt, path.name
+        try:
+            self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        except Exception as exc:  # pybind raises RuntimeError/TypeError on bad plans
+            self.engine = None
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        else:
+            why = "see TensorRT's messages above"
+        if self.engine is None:
+            raise BackendError(f"TensorRT cannot load {path} ({why}); rebuild the engines with "
+                               f"`{REBUILD.format(dir=path.parent.parent.parent)} --force`")
+        engine = self.engine
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.dtypes = {n: _np_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
+        profiles = range(engine.num_optimization_profiles)
+        self.memory_sizes = [int(engine.get_device_memory_size_for_profile_v2(p))
+                             if hasattr(engine, "get_device_memory_size_for_profile_v2")
+                             else int(engine.device_memory_size_v2) for p in profiles]
+        self.profile_shapes = [{n: engine.get_tensor_profile_shape(n, p) for n in self.inputs} for p in profiles]
+        self.contexts = []
+
+    def attach(self, scratch: DeviceBuffer, stream: int) -> None:
+        """One context per profile, all on the shared activation memory ``scratch``."""
+        trt = self.trt
+        for profile in range(len(self.memory_sizes)):
+            context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            if context is None:
+                raise BackendError(f"TensorRT could not create an execution context for {self.name}")
+            setter = getattr(context, "set_device_memory", None)
+            if setter is not None:
+                setter(scratch.ptr, scratch.nbytes)
+            else:  # TensorRT 10.0
+                context.device_memory = scratch.ptr
+            context.set_optimization_profile_async(profile, stream)
+            self.contexts.append(context)
+
+    def fits(self, profile: int, shapes: dict[str, tuple]) -> str | None:
+        """None when ``shapes`` are inside ``profile``, else which input is out of range."""
+        for name, shape in shapes.items():
+            lo, _, hi = self.profile_shapes[profile][name]
+            if any(not lo[i] <= shape[i] <= hi[i] for i in range(len(shape))):
+                return f"{name} {list(shape)} outside [{list(lo)} .. {list(hi)}]"
+        return None
+
+    def run(self, profile: int, shapes: dict[str, tuple], addresses: dict[str, int], stream: int) -> None:
+        context = self.contexts[profile]
+        for name, shape in shapes.items():
+            if not context.set_input_shape(name, shape):
+                raise BackendError(f"{self.name}: TensorRT refused input shape {name} {list(shape)}")
+        for name, address in addresses.items():
+            if not context.set_tensor_address(name, address):
+                raise BackendError(f"{self.name}: TensorRT refused the address of {name}")
+        if not context.execute_async_v3(stream):
+            raise BackendError(f"{self.name}: TensorRT execution failed (see TensorRT's messages above)")
+
+
+class TensorRTEngine(Engine):
+    name = "tensorrt"
+
+    def __init__(self, manifest: Manifest, device_id: int = 0, build: bool = False, memory: str | None = None,
+                 **build_options) -> None:
+        super().__init__(manifest)
+        trt = import_tensorrt()
+        self.memory = CudaMemory(device_id, prefer=memory)
+        identity = gpu_identity(device_id)
+        try:
+            entry = find_engines(manifest, identity, trt.__version__)
+        except BackendError:
+            if not build:
+                raise
+            entry = build_engines(manifest.directory, device_id=device_id, **build_options)
+        self.entry = entry
+        self.profile = entry.profile
+        self.dtype = _NP[manifest.dtype]
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.embed_graph = _Graph(trt, self.runtime, entry.plan("embed"))
+        self.layer_graphs = [_Graph(trt, self.runtime, entry.plan(f"layer_{i:02d}"))
+                             for i in range(self.spec.num_layers)]
+        self.head_graph = _Graph(trt, self.runtime, entry.plan("head"))
+        graphs = [self.embed_graph, *self.layer_graphs, self.head_graph]
+        # The graphs run one after another on one stream: one activation block serves them all.
+        self._scratch = self.memory.alloc(max(max(g.memory_sizes) for g in graphs))
+        for graph in graphs:
+            graph.attach(self._scratch, self.memory.stream)
+        self._key_pool: list[DeviceBuffer | None] = [None] * self.spec.num_layers
+        self._value_pool: list[DeviceBuffer | None] = [None] * self.spec.num_layers
+        self._buffers: dict[tuple, DeviceBuffer] = {}
+        self._bias_host: np.ndarray | None = None
+        self._bias: DeviceTensor | None = None
+
+    # -- buffers ---------------------------------------------------------------------------------
+    def _buffer(self, key: tuple, nbytes: int) -> DeviceBuffer:
+        buf = self._buffers.get(key)
+        if buf is None or buf.nbytes < nbytes:
+            buf = self._buffers[key] = self.memory.alloc(nbytes)
+        return buf
+
+    def allocate(self, capacities: list[int], batch: int) -> KVCache:
+        H, D = self.spec.num_heads, self.spec.head_dim
+        item = np.dtype(self.dtype).itemsize
+        keys, values = [], []
+        for layer, cap in enumerate(capacities):
+            need = (cap + PAST_PAD) * batch * H * D * item
+            for pool in (self._key_pool, self._value_pool):
+                if pool[layer] is None or pool[layer].nbytes < need:
+                    pool[layer] = self.memory.alloc(need, zero=True)  # the masked slot must be finite
+            offset = PAST_PAD * batch * H * D * item
+            keys.append(DeviceTensor(self.memory, self._key_pool[layer], (cap, batch, H, D), self.dtype, offset))
+            values.append(DeviceTensor(self.memory, self._value_pool[layer], (cap, batch, H, D), self.dtype, offset))
+        return KVCache(keys, values, capacities, batch)
+
+    def _device(self, hidden) -> DeviceTensor:
+        if isinstance(hidden, DeviceTensor):
+            return hidden
+        array = np.ascontiguousarray(hidden, self.dtype)  # host hidden states (e.g. from verify)
+        buf = self._buffer(("upload", array.shape), array.nbytes)
+        self.memory.upload(buf, array)
+        return DeviceTensor(self.memory, buf, array.shape, self.dtype)
+
+    def _upload_bias(self, attention_bias: np.ndarray) -> DeviceTensor:
+        if self._bias_host is not None and self._bias_host.shape == attention_bias.shape \
+                and np.array_equal(self._bias_host, attention_bias):
+            return self._bias
+        self._bias_host = np.array(attention_bias, np.float32, copy=True)
+        padded = pad_bias(self._bias_host, PAST_PAD)
+        buf = self._buffer(("bias",), padded.nbytes)
+        self.memory.upload(buf, padded)
+        self._bias = DeviceTensor(self.memory, buf, padded.shape, np.float32)
+        return self._bias
+
+    def _hidden_out(self, which: int, B: int, T: int) -> DeviceTensor:
+        shape = (B, T, self.spec.hidden_size)
+        buf = self._buffer(("hidden", which), int(np.prod(shape)) * np.dtype(self.dtype).itemsize)
+        return DeviceTensor(self.memory, buf, shape, self.dtype)
+
+    # -- graphs ----------------------------------------------------------------------------------
+    def embed(self, input_ids: np.ndarray, position_ids: np.ndarray) -> DeviceTensor:
+        B, T = input_ids.shape
+        graph = self.embed_graph
+        shapes = {"input_ids": (B, T), "position_ids": (B, T)}
+        self._check(graph, 0, shapes, "prompt chunk", "--max-prompt/--max-batch")
+        ids = np.ascontiguousarray(input_ids, graph.dtypes["input_ids"])
+        pos = np.ascontiguousarray(position_ids, graph.dtypes["position_ids"])
+        ids_buf, pos_buf = self._buffer(("ids",), ids.nbytes), self._buffer(("positions",), pos.nbytes)
+        self.memory.upload(ids_buf, ids)
+        self.memory.upload(pos_buf, pos)
+        out = self._hidden_out(0, B, T)
+        graph.run(0, shapes, {"input_ids": ids_buf.ptr, "position_ids": pos_buf.ptr, "hidden": out.ptr},
+                  self.memory.stream)
+        return out
+
+    def layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray) -> DeviceTensor:
+        hidden = self._device(hidden)
+        B, T, E = hidden.shape
+        H, D = self.spec.num_heads, self.spec.head_dim
+        if past + T > cache.capacities[index]:
+            raise BackendError(f"layer {index}: writing positions {past}..{past + T - 1} would overflow "
+                               f"its cache of {cache.capacities[index]} positions")
+        if attention_bias.shape != (B, past + T):
+            raise BackendError(f"layer {index}: attention bias must be a [{B}, {past + T}] array")
+        P = past + PAST_PAD
+        profile = DECODE_PROFILE if T == 1 else PREFILL_PROFILE
+        shapes = {"hidden": (B, T, E), "past_key": (P, B, H, D), "past_value": (P, B, H, D),
+                  "attention_bias": (B, P + T)}
+        graph = self.layer_graphs[index]
+        self._check(graph, profile, shapes, "decode step" if T == 1 else "prompt chunk",
+                    "--max-length/--max-batch" if T == 1 else "--max-prompt/--max-batch")
+        slot = B * H * D * np.dtype(self.dtype).itemsize
+        keys, values = cache.keys[index].buffer.ptr, cache.values[index].buffer.ptr
+        bias = self._upload_bias(attention_bias)
+        which = 1 if hidden.buffer is not self._buffers.get(("hidden", 1)) else 0
+        out = self._hidden_out(which, B, T)
+        addresses = {"hidden": hidden.ptr, "past_key": keys, "past_value": values, "attention_bias": bias.ptr,
+                     "hidden_out": out.ptr, "key": keys + P * slot, "value": values + P * slot}
+        staged = (P * slot) % ALIGNMENT != 0  # TensorRT wants 256-byte aligned tensor addresses
+        if staged:  # rare (hidden size x dtype not a multiple of 256 bytes): write aside, then copy in
+            new = T * slot
+            stage = self._buffer(("stage",), 2 * _round_up(new, ALIGNMENT))
+            addresses["key"], addresses["value"] = stage.ptr, stage.ptr + _round_up(new, ALIGNMENT)
+        graph.run(profile, shapes, addresses, self.memory.stream)
+        if staged:
+            self.memory.copy(cache.keys[index].buffer, P * slot, stage, 0, new)
+            self.memory.copy(cache.values[index].buffer, P * slot, stage, _round_up(new, ALIGNMENT), new)
+        return out
+
+    def head(self, hidden) -> np.ndarray:
+        hidden = self._device(hidden)
+        B, T, E = hidden.shape
+        item = np.dtype(self.dtype).itemsize
+        if T == 1:
+            address = hidden.ptr
+        else:  # the last position of each row, packed [B, E]
+            last = self._buffer(("last",), B * E * item)
+            self.memory.copy_rows(last, hidden.buffer, hidden.offset + (T - 1) * E * item, E * item, T * E * item, B)
+            address = last.ptr
+        graph = self.head_graph
+        shapes = {"hidden": (B, E)}
+        self._check(graph, 0, shapes, "batch", "--max-batch")
+        V = self.spec.vocab_size
+        out = self._buffer(("logits",), B * V * 4)
+        graph.run(0, shapes, {"hidden": address, "logits": out.ptr}, self.memory.stream)
+        logits = self._host_logits(B)
+        return self.memory.download(logits, out)  # waits for the stream
+
+    def _host_logits(self, B: int) -> np.ndarray:
+        buf = self._buffers.get(("host_logits", B))
+        if buf is None:
+            buf = self._buffers[("host_logits", B)] = np.empty((B, self.spec.vocab_size), np.float32)
+        return buf
+
+    def _check(self, graph: _Graph, profile: int, shapes: dict, what: str, flags: str) -> None:
+        problem = graph.fits(profile, shapes)
+        if problem:
+            raise BackendError(f"this {what} does not fit the TensorRT engines' profile ({graph.name}: {problem}); "
+                               f"rebuild them with `{REBUILD.format(dir=self.manifest.directory)} --force` and "
+                               f"larger {flags}")
+
+    def available_memory(self) -> int | None:
+        pooled = sum(b.nbytes for b in self._key_pool + self._value_pool if b is not None)
+        return self.memory.free_bytes() + pooled
+
+    def close(self) -> None:
+        self.memory.synchronize()
+        self._buffers.clear()
+        self._key_pool = [None] * self.spec.num_layers
+        self._value_pool = [None] * self.spec.num_layers
+
+
+# -- TensorRT against onnxruntime, per graph -------------------------------------------------------------
+def compare_with_onnxruntime(directory, engine: "TensorRTEngine | None" = None, seed: int = 0, batch: int = 2,
+                             device_id: int = 0) -> list[dict]:
+    """Each engine against onnxruntime (CPU) on the same random inputs: per graph and case (a
+    prefill chunk from an empty cache, then a decode step), the largest error over its outputs
+    relative to the reference's scale.
+
+    Returns ``[{"graph", "case", "error", "tolerance", "ok"}]``. The TensorRT side runs through
+    this backend's own binding code (cache slots, the masked past slot), not a separate runner.
+    """
+    import onnxruntime as ort
+
+    from ..manifest import read_manifest
+    from .tensorrt_build import _graphs
+
+    own = engine is None
+    manifest = read_manifest(directory, verify=False) if own else engine.manifest
+    engine = TensorRTEngine(manifest, device_id=device_id) if own else engine
+    spec, dtype = manifest.model, engine.dtype
+    tolerance = {"float32": 1e-4, "float16": 2e-2}[manifest.dtype]
+    rng = np.random.default_rng(seed)
+    E = spec.hidden_size
+    results = []
+
+    def record(graph: str, case: str, got: list, want: list) -> None:
+        err = max(float(np.max(np.abs(np.asarray(g, np.float32) - np.asarray(w, np.float32)))
+                        / max(1.0, float(np.max(np.abs(np.asarray(w, np.float32)))))) for g, w in zip(got, want))
+        results.append({"graph": graph, "case": case, "error": err, "tolerance": tolerance, "ok": err <= tolerance})
+
+    sessions = {name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                for name, _, path in _graphs(manifest)}
+    T = 3
+    ids = rng.integers(0, spec.vocab_size, (batch, T))
+    pos = np.tile(np.arange(T), (batch, 1))
+    got = engine.embed(ids, pos)
+    want = sessions["embed"].run(None, {"input_ids": ids, "position_ids": pos})[0]
+    record("embed", f"B={batch} T={T}", [got], [want])
+    for layer in range(spec.num_layers):
+        name = f"layer_{layer:02d}"
+        cache = engine.allocate([T + 1] * spec.num_layers, batch)
+        for case, past, new in (("prefill", 0, T), ("decode", T, 1)):
+            x = (rng.standard_normal((batch, new, E)) * 0.5).astype(dtype)
+            bias = np.zeros((batch, past + new), np.float32)
+            bias[1, 0] = -1e9  # row 1 is left-padded by one position
+            out = engine.layer(layer, x, cache, past, bias)
+            keys = np.asarray(cache.keys[layer])[past:past + new]
+            values = np.asarray(cache.values[layer])[past:past + new]
+            prefix = np.asarray(cache.keys[layer])[:past], np.asarray(cache.values[layer])[:past]
+            want = sessions[name].run(None, {"hidden": x, "past_key": prefix[0], "past_value": prefix[1],
+                                             "attention_bias": bias})
+            record(name, f"{case} B={batch} P={past} T={new}", [out, keys, values], want)
+    x = (rng.standard_normal((batch, 1, E)) * 0.5).astype(dtype)
+    want = sessions["head"].run(None, {"hidden": np.ascontiguousarray(x[:, -1])})[0]
+    record("head", f"B={batch}", [engine.head(x)], [want])
+    if own:
+        engine.close()
+    return results
+
+
+__all__ = ["TensorRTEngine", "compare_with_onnxruntime"]

@@ -1,0 +1,131 @@
+"""``skipdeploy eval``: held-out perplexity and greedy agreement per SkipDecode schedule.
+
+Everything runs through the skipdeploy runtime (the deployed graphs, not PyTorch): perplexity by
+teacher forcing with :meth:`Runtime.score` (prefill over the context, then the true tokens fed
+step by step with the schedule's layers), and greedy agreement with the full schedule: the
+fraction of generated tokens, position by position, that a schedule's greedy output shares with
+the full model's over prompts cut from the same data. A checkpoint directory is exported to a
+temporary directory first (that part needs torch); an export directory is used as it is.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from ..schedule import LayerSchedule, Schedule
+from . import data as data_mod
+
+
+def schedule_for(num_layers: int, speedup: float, decay_tokens: int, warmup_layers: int = 1,
+                 prompt: str = "full") -> LayerSchedule:
+    """``Schedule.full`` for a speedup of 1, else ``Schedule.target_speedup``."""
+    if speedup == 1:
+        return Schedule.full(num_layers)
+    return Schedule.target_speedup(num_layers, speedup, decay_tokens=decay_tokens, warmup_layers=warmup_layers,
+                                   prompt=prompt)
+
+
+def _batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def evaluate(model: str | Path, data: Sequence[str], speedups: Sequence[float] = (1, 2, 3, 5), *,
+             seq_len: int = 256, context: int | None = None, decay_tokens: int | None = None,
+             warmup_layers: int = 1, prompt: str = "full", chunks: int = 64, prompts: int = 32,
+             prompt_tokens: int | None = None, new_tokens: int | None = None, batch_size: int = 16,
+             seed: int = 0, backend: str = "onnxruntime", log: Callable[[str], None] | None = None) -> dict:
+    """Evaluate a checkpoint or export directory; returns ``{"results": [...], ...}`` (see the CLI)."""
+    log = log or (lambda m: print(m, file=sys.stderr))
+    path = Path(model).expanduser()
+    if (path / "manifest.json").is_file():
+        return _evaluate_export(path, **_kw(locals()))
+    with tempfile.TemporaryDirectory(prefix="skipdeploy-eval-") as tmp:
+        from .. import export
+
+        log(f"exporting {model} to a temporary directory")
+        export(model, Path(tmp) / "export", progress=False, log=lambda m: None)
+        return _evaluate_export(Path(tmp) / "export", source=str(model), **_kw(locals()))
+
+
+def _kw(scope: dict) -> dict:
+    keys = ("data", "speedups", "seq_len", "context", "decay_tokens", "warmup_layers", "prompt", "chunks", "prompts",
+            "prompt_tokens", "new_tokens", "batch_size", "seed", "backend", "log")
+    return {k: scope[k] for k in keys}
+
+
+def _evaluate_export(directory: Path, *, data, speedups, seq_len, context, decay_tokens, warmup_layers, prompt,
+                     chunks, prompts, prompt_tokens, new_tokens, batch_size, seed, backend, log,
+                     source: str | None = None) -> dict:
+    from ..runtime import load
+
+    runtime = load(directory, backend=backend)
+    spec, manifest = runtime.spec, runtime.manifest
+    L = spec.num_layers
+    if manifest.tokenizer_path is None:
+        raise InputError(f"{directory} has no tokenizer: evaluation on text needs one")
+    if seq_len > min(spec.max_positions, manifest.limits.get("max_length") or spec.max_positions):
+        raise InputError(f"--seq-len {seq_len} exceeds the model's {spec.max_positions} positions")
+    context = context or seq_len // 2
+    if not 1 <= context < seq_len:
+        raise InputError(f"--context must be in [1, {seq_len - 1}] (got {context})")
+    default = manifest.schedule
+    if decay_tokens is None:
+        decay_tokens = default.decay_tokens if isinstance(default, Schedule) and not default.is_full() \
+            else seq_len - context
+    prompt_tokens = prompt_tokens or context
+    new_tokens = new_tokens or decay_tokens
+    if prompt_tokens + new_tokens - 1 > spec.max_positions:
+        raise InputError(f"{prompt_tokens} prompt tokens + {new_tokens} new tokens exceed the model's positions")
+    schedules = [(float(k), schedule_for(L, k, decay_tokens, warmup_layers, prompt)) for k in speedups]
+
+    tokenizer = data_mod.load_tokenizer(manifest.tokenizer_path)
+    bos = spec.bos_token_id if spec.bos_token_id is not None else 2
+    all_chunks = data_mod.load_chunks(data, tokenizer, max(seq_len, prompt_tokens), bos)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(all_chunks))
+    ppl_rows = all_chunks[np.sort(order[:chunks]), :seq_len]
+    rest = order[chunks:] if len(order) > chunks else order
+    gen_rows = all_chunks[np.sort(rest[:prompts]), :prompt_tokens]
+    log(f"evaluating {len(schedules)} schedule(s) on {len(ppl_rows)} chunks x {seq_len - context} scored tokens "
+        f"and {len(gen_rows)} prompts x {new_tokens} greedy tokens")
+
+    def greedy(sched: LayerSchedule) -> tuple[list[list[int]], float]:
+        tokens: list[list[int]] = []
+        seconds = steps = 0
+        for b in _batches(len(gen_rows), batch_size):
+            result = runtime.generate(gen_rows[b].tolist(), new_tokens, sched, eos_token_id=None)
+            tokens += result.tokens
+            seconds += result.decode_seconds
+            steps += len(result.layers_per_step)
+        return tokens, 1e3 * seconds / max(1, steps)
+
+    runtime.generate(gen_rows[:1].tolist(), 4, Schedule.full(L), eos_token_id=None)  # warm-up before timing
+    reference, full_ms = greedy(Schedule.full(L))
+    results = []
+    for k, sched in schedules:
+        logprobs = np.concatenate([runtime.score(ppl_rows[b].tolist(), context, sched)
+                                   for b in _batches(len(ppl_rows), batch_size)])
+        tokens, ms = (reference, full_ms) if sched.is_full() else greedy(sched)
+        same = sum(a == b for ref, got in zip(reference, tokens) for a, b in zip(ref, got))
+        total = sum(len(ref) for ref in reference)
+        entry = {"target_speedup": k, "ideal_speedup": sched.ideal_speedup(decay_tokens),
+                 "perplexity": float(math.exp(-logprobs.mean())), "agreement": same / total,
+                 "mean_log_prob": float(logprobs.mean()), "ms_per_token": ms,
+                 "measured_speedup": full_ms / ms if ms > 0 else None,
+                 "layers_per_token": sched.mean_layers(decay_tokens), "schedule": sched.to_dict()}
+        results.append(entry)
+        log(f"  {k:g}x: perplexity {entry['perplexity']:.3f}, agreement {entry['agreement']:.3f} "
+            f"(ideal {entry['ideal_speedup']:.2f}x, measured {entry['measured_speedup']:.2f}x)")
+    return {"results": results, "model": source or str(directory), "export": None if source else str(directory),
+            "data": list(data), "seq_len": seq_len, "context": context, "decay_tokens": decay_tokens,
+            "tokens_scored": int(len(ppl_rows) * (seq_len - context)), "prompts": len(gen_rows),
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "backend": backend, "seed": seed}

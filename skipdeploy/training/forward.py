@@ -1,0 +1,79 @@
+"""The SkipDecode forward pass for training: one full-sequence forward with per-position layer sets.
+
+Teacher forcing over a sequence whose first ``c`` positions are the prompt: position ``c + j``
+holds generated token ``j`` and runs ``schedule.layers(j)``; the prompt positions run
+``schedule.prompt_layers()``. Because the top block only shrinks, the positions that run a layer
+``l`` always form a prefix ``[0, n_l)`` of the sequence, so layer ``l`` runs on ``hidden[:, :n_l]``
+with plain causal attention (each of those positions sees exactly the earlier positions that
+ran ``l``: the keys and values the runtime has cached for it) and later positions pass through
+unchanged. The logits at position ``c - 1`` are the prefill's (they predict generated token 0),
+and those at ``c + j`` are decode step ``j``'s: exactly the runtime's per-step logits.
+
+The modules are the Hugging Face ``OPTDecoderLayer`` objects themselves, so what is trained is
+the Hugging Face model, and ``save_pretrained`` writes it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ScheduleError
+from ..schedule import LayerSchedule
+
+
+def layer_extents(schedule: LayerSchedule, context_length: int, seq_len: int) -> list[int]:
+    """``n_l`` per layer: layer ``l`` runs on positions ``[0, n_l)`` of a ``seq_len`` sequence.
+
+    ``n_l = c + #{j < seq_len - c : l in layers(j)}`` when ``l`` is a prompt layer, else 0.
+    Raises if the positions running a layer are not a prefix (a growing schedule).
+    """
+    L, c = schedule.num_layers, context_length
+    if not 1 <= c <= seq_len:
+        raise ScheduleError(f"context length must be in [1, {seq_len}] (got {c})")
+    prompt = set(schedule.prompt_layers())
+    steps = [set(schedule.layers(j)) for j in range(seq_len - c)]
+    extents = []
+    for layer in range(L):
+        runs = [c > 0 and layer in prompt] + [layer in s for s in steps]
+        n = runs.index(False) if False in runs else len(runs)
+        if any(runs[n:]):
+            raise ScheduleError(f"layer {layer} stops and restarts under {schedule!r}: the positions running it "
+                                "are not a prefix, so its cached keys and values would be missing")
+        extents.append(0 if n == 0 else c + n - 1)
+    return extents
+
+
+def _causal(n: int, dtype, device) -> torch.Tensor:
+    mask = torch.full((n, n), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
+    return mask[None, None]
+
+
+def schedule_forward(model, input_ids: torch.Tensor, context_length: int, schedule: LayerSchedule) -> torch.Tensor:
+    """Logits ``[B, S, V]`` of ``OPTForCausalLM`` ``model`` with the schedule applied per position.
+
+    ``input_ids`` ``[B, S]`` are unpadded; positions ``< context_length`` are the prompt.
+    """
+    decoder = model.model.decoder
+    B, S = input_ids.shape
+    if schedule.num_layers != len(decoder.layers):
+        raise ScheduleError(f"the schedule is for {schedule.num_layers} layers, the model has {len(decoder.layers)}")
+    extents = layer_extents(schedule, context_length, S)
+    embeds = decoder.embed_tokens(input_ids)
+    if decoder.project_in is not None:
+        embeds = decoder.project_in(embeds)
+    positions = torch.arange(S, device=input_ids.device).expand(B, S)
+    ones = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
+    hidden = embeds + decoder.embed_positions(ones, 0, position_ids=positions)
+    # sdpa with no mask is causal (is_causal); other attention implementations get an explicit mask.
+    sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
+    for layer, n in zip(decoder.layers, extents):
+        if n == 0:
+            continue
+        mask = None if sdpa else _causal(n, hidden.dtype, hidden.device)
+        ran = layer(hidden[:, :n], attention_mask=mask)
+        hidden = ran if n == S else torch.cat([ran, hidden[:, n:]], dim=1)
+    if decoder.final_layer_norm is not None:
+        hidden = decoder.final_layer_norm(hidden)
+    if decoder.project_out is not None:
+        hidden = decoder.project_out(hidden)
+    return model.lm_head(hidden)

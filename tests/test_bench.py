@@ -1,0 +1,157 @@
+"""`skipdeploy bench`, its cost model, the int8 export and the export layout the runtime's memory
+relies on. Fast and free of timing assertions: only structure and arithmetic are checked."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import skipdeploy
+from skipdeploy import Schedule
+from skipdeploy.bench import (agreement, bandwidth_probe, cost_model, format_table, ideal_speedup, run_bench,
+                              step_macs)
+from skipdeploy.cli import main
+from skipdeploy.errors import BackendError, ExportError, InputError
+from skipdeploy.exporter.quantize import quantize_export
+from skipdeploy.manifest import ModelSpec, read_manifest
+
+from .conftest import PROMPTS
+
+OPT_125M = ModelSpec(num_layers=12, hidden_size=768, num_heads=12, head_dim=64, ffn_dim=3072, vocab_size=50272,
+                     max_positions=2048, word_embed_proj_dim=768, layer_norm="pre", activation="relu",
+                     bos_token_id=2, eos_token_id=2, pad_token_id=1)
+
+
+@pytest.fixture(scope="module")
+def int8_export(exports, tmp_path_factory):
+    return quantize_export(exports["tiny"], tmp_path_factory.mktemp("int8") / "tiny-int8", progress=False,
+                           log=lambda m: None).directory
+
+
+def test_cost_model_of_an_opt_125m_shape():
+    c = cost_model(OPT_125M)
+    assert c["layer"] == 4 * 768 * 768 + 2 * 768 * 3072 == 7_077_888
+    assert c["head"] == 768 * 50272 and c["embed"] == 0
+    assert step_macs(OPT_125M, 12, 10) == 12 * (c["layer"] + 10 * 2 * 768) + c["head"]
+    assert ideal_speedup(OPT_125M, Schedule.full(12), 32, 64) == 1.0
+    # Half the layers is not half the work: the head is ~5.5 layers' worth.
+    half = Schedule(12, 6, 6, decay_tokens=1, warmup_layers=0)
+    assert 1.50 < ideal_speedup(OPT_125M, half, 32, 64) < 1.56
+    # project_in/project_out (opt-350m) are counted in embed and head.
+    post = ModelSpec(**{**OPT_125M.__dict__, "word_embed_proj_dim": 512})
+    assert cost_model(post)["embed"] == 768 * 512 and cost_model(post)["head"] == 512 * 50272 + 768 * 512
+
+
+def test_agreement_counts_positions_prefixes_and_rows():
+    assert agreement([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 9, 6]]) == pytest.approx(
+        {"positions_equal": 5 / 6, "prefix_before_first_difference": (1 + 1 / 3) / 2, "rows_equal": 0.5})
+
+
+def test_bench_rows_ratios_and_hf_baseline(exports, checkpoints):
+    results = run_bench(exports["tiny"], batch_sizes=[1, 2], target_speedups=[2], prompt_length=4, new_tokens=5,
+                        repeats=2, warmup=0, threads=1, checkpoint=str(checkpoints["tiny"]), memory=False,
+                        bandwidth=False, progress=False, log=lambda m: None)
+    json.dumps(results)  # serializable as written by --json
+    rows = {(r["batch"], r["contender"]): r for r in results["rows"]}
+    assert set(rows) == {(b, c) for b in (1, 2) for c in ("full", "skip 2x", "hf generate")}
+    skip_schedule = Schedule.target_speedup(4, 2.0, decay_tokens=5)
+    for batch in (1, 2):
+        full, skip, hf = rows[batch, "full"], rows[batch, "skip 2x"], rows[batch, "hf generate"]
+        for row in (full, skip, hf):
+            ms = row["ms_per_token"]
+            assert 0 < ms["median"] <= ms["p99"] and ms["p90"] <= ms["p99"]
+            assert row["tokens_per_s"] > 0 and row["ttft_ms"] > 0 and len(row["runs"]) == 2
+            assert row["vs_hf"] > 0
+        assert full["speedup_vs_full"] == 1.0 and full["ideal_speedup"] == 1.0 and hf["vs_hf"] == 1.0
+        assert skip["schedule"] == skip_schedule.to_dict()
+        assert skip["layers_per_token"] == pytest.approx(np.mean([skip_schedule.count(s) for s in range(4)]))
+        assert skip["ideal_speedup"] == pytest.approx(ideal_speedup(read_manifest(exports["tiny"]).model,
+                                                                    skip_schedule, 4, 5))
+        assert 1 < skip["ideal_speedup"] < skip["ideal_speedup_layers"]
+        assert skip["fraction_of_ideal"] == pytest.approx(skip["speedup_vs_full"] / skip["ideal_speedup"])
+        assert skip["bytes_per_token"] < full["bytes_per_token"]
+        assert hf["speedup_vs_full"] is None and hf["bytes_per_token"] is None
+    hf_agreement = [a for a in results["agreement"] if a["contender"] == "hf generate"]
+    assert len(hf_agreement) == 2 and all(0 <= a["positions_equal"] <= 1 for a in hf_agreement)
+    assert results["config"]["hf_baseline"] and results["cost_model"]["head_in_layers"] > 0
+    table = format_table(results)
+    assert "hf generate" in table and "skip 2x" in table
+
+
+def test_bench_cli_with_int8_json_plot_and_memory(exports, int8_export, tmp_path):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = CliRunner().invoke(main, [
+        "bench", str(exports["tiny"]), "--batch-sizes", "2", "--target-speedups", "2", "--prompt-length", "3",
+        "--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--threads", "1", "--no-hf", "--no-bandwidth",
+        "--quantize", "int8", "--int8-export", str(int8_export), "--json", str(out_json), "--plot", str(out_png)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out_json.read_text())
+    assert [r["contender"] for r in data["rows"]] == ["full", "skip 2x", "int8 full"]
+    int8 = data["rows"][2]
+    assert int8["export"] == "int8" and int8["speedup_vs_full"] > 0 and int8["ideal_speedup"] is None
+    assert int8["bytes_per_token"] < data["rows"][0]["bytes_per_token"]
+    assert [a["contender"] for a in data["agreement"]] == ["int8 full"]
+    assert {(m["export"], m["batch"]) for m in data["memory"]} == {("float32", 2), ("int8", 2)}
+    for m in data["memory"]:
+        assert m["peak_rss_bytes"] > m["weights_bytes"] > 0 and m["kv_cache_bytes"] > 0
+        assert m["budget_bytes"] == m["weights_bytes"] + m["kv_cache_bytes"] + 300_000_000
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "int8 full" in result.output and "memory float32, batch 2" in result.output
+
+
+def test_bench_refuses_bad_options(exports, int8_export):
+    for kwargs in ({"batch_sizes": [0]}, {"new_tokens": 1}, {"target_speedups": [1.0]}, {"quantize": "int4"}):
+        with pytest.raises(InputError):
+            run_bench(exports["tiny"], hf=False, memory=False, bandwidth=False, progress=False, **kwargs)
+    with pytest.raises(InputError, match="quantized export"):
+        run_bench(int8_export, hf=False, memory=False, bandwidth=False, progress=False)
+    result = CliRunner().invoke(main, ["bench", str(exports["tiny"]), "--batch-sizes", "1,x"])
+    assert result.exit_code == 1 and "comma-separated" in result.output
+
+
+def test_bandwidth_probe_measures_bytes_per_second():
+    assert bandwidth_probe(1, repeats=2, nbytes=4 << 20) > 1e8
+
+
+def test_int8_export_runs_on_onnxruntime_and_is_recorded(exports, int8_export):
+    m = read_manifest(int8_export)
+    q = m.quantization
+    assert q["weights"] == "int8" and set(q["graphs"]) == {f"layer_{i:02d}.onnx" for i in range(4)} | {"head.onnx"}
+    assert max(q["max_error_vs_float"].values()) < 0.05 and m.dtype == "float32"
+    assert read_manifest(exports["tiny"]).quantization is None
+    float_rt, int8_rt = skipdeploy.load(exports["tiny"]), skipdeploy.load(int8_export)
+    want = float_rt.generate(PROMPTS, 4, eos_token_id=None, output_logits=True)
+    got = int8_rt.generate(PROMPTS, 4, eos_token_id=None, output_logits=True)
+    scale = np.abs(want.logits[0]).max()
+    assert np.abs(got.logits[0] - want.logits[0]).max() < 0.1 * scale  # same prefill, int8 weights
+    with pytest.raises(BackendError, match="torch backend runs float exports"):
+        skipdeploy.load(int8_export, backend="torch")
+    with pytest.raises(ExportError, match="already quantized"):
+        quantize_export(int8_export, int8_export.parent / "again", progress=False, log=lambda m: None)
+
+
+def test_tied_embedding_is_stored_once_and_shared(exports):
+    """embed.onnx and head.onnx read one embeddings.bin (ONNX external data): the runtime maps it
+    once instead of holding the largest matrix twice."""
+    m = read_manifest(exports["tiny"])
+    assert m.graphs["embed"]["data"] == ["embeddings.bin"] == m.graphs["head"]["data"]
+    assert "embeddings.bin" in m.files and "data" not in m.graphs["layers"][0]
+    matrix = m.model.vocab_size * m.model.word_embed_proj_dim * 4
+    assert m.files["embeddings.bin"]["size"] == matrix and m.files["head.onnx"]["size"] < matrix // 4
+
+
+def test_public_iobinding_path_gives_the_same_logits(exports):
+    """The engine binds through onnxruntime's C-level IOBinding when it can; the public API it
+    falls back to must decode identically."""
+    fast, slow = skipdeploy.load(exports["tiny"]), skipdeploy.load(exports["tiny"])
+    bindings = [slow.engine._embed_io, slow.engine._head_io, *slow.engine._layer_io]
+    for binding in bindings:
+        binding._raw = None
+    sched = Schedule(4, 3, 1, decay_tokens=4)
+    want = fast.generate(PROMPTS, 5, sched, eos_token_id=None, output_logits=True)
+    got = slow.generate(PROMPTS, 5, sched, eos_token_id=None, output_logits=True)
+    assert got.tokens == want.tokens
+    assert all(np.array_equal(a, b) for a, b in zip(got.logits, want.logits))
