@@ -129,7 +129,9 @@ def bandwidth_probe(threads: int | None, repeats: int = 7, nbytes: int = PROBE_B
 
     k = 8192
     n = max(1, nbytes // (4 * k))
-    weight = np.full((k, n), 1e-3, np.float32)
+    # Random values: pages of one repeated value can be merged by the host (KSM) and then read
+    # from cache, which made a constant-filled probe report 90 GB/s here.
+    weight = np.random.default_rng(0).random((k, n), np.float32)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "probe",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
@@ -318,7 +320,10 @@ def _memory_in_subprocess(directory: Path, batch: int, prompt_length: int, new_t
     args = json.dumps([str(directory), batch, prompt_length, new_tokens, threads, seed])
     code = ("import json, sys; from skipdeploy.bench import memory_probe; "
             "print(json.dumps(memory_probe(*json.loads(sys.argv[1]))))")
-    proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, timeout=1800)
+    root = str(Path(__file__).resolve().parent.parent)  # import this skipdeploy, whatever the cwd holds
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, timeout=1800,
+                          cwd=root, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"memory probe failed: {tail}"}

@@ -424,7 +424,7 @@ main.add_command(bench_command())
 @main.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="Where to write the checkpoint and the export [default: a temporary directory].")
-@click.option("--prompt", help="Prompt [default: 'def fibonacci(n):' and a newline; random model: 'def greet(name):'].")
+@click.option("--prompt", help="Prompt [default: the start of a Python class; random model: 'def greet(name):'].")
 @click.option("--max-new-tokens", type=int, help="Tokens to generate [default: 64; random model: 24].")
 @click.option("--target-speedup", type=float, help="SkipDecode target [default: 3; random model: 2].")
 @click.option("--random", "use_random", is_flag=True, help="Use a random 8-layer model instead of the bundled one.")

@@ -178,7 +178,7 @@ def test_demo_with_bundled_model(tmp_path):
     assert size <= 20e6
     out = CliRunner().invoke(main, ["demo", "--workdir", str(tmp_path), "--max-new-tokens", "16"])
     assert out.exit_code == 0, out.output
-    assert "def fibonacci(n):" in out.output and "measured decode speedup" in out.output
+    assert "class Stack:" in out.output and "measured decode speedup" in out.output
     assert "layers per token" in out.output
     manifest = skipdeploy.load(tmp_path / "export").manifest
     assert not manifest.schedule.is_full()  # the fine-tuned schedule became the export's default

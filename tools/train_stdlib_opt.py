@@ -82,6 +82,7 @@ def main() -> None:
     p.add_argument("--asset", type=Path, default=REPO / "skipdeploy" / "assets" / "stdlib-opt")
     p.add_argument("--dry-run", action="store_true", help="A few steps of every stage (checks the recipe).")
     p.add_argument("--stop-after", choices=["pretrain", "finetune", "eval"], help="Stop after this stage.")
+    p.add_argument("--no-control", action="store_true", help="Skip the control run (4b) and its evaluation.")
     args = p.parse_args()
     if args.dry_run:
         args.pretrain_steps, args.finetune_steps, args.eval_chunks, args.eval_prompts = 3, 3, 4, 4
@@ -119,7 +120,7 @@ def main() -> None:
     scheds = schedules_from_options(L, SPEEDUPS, decay_tokens=decay)
     print(f"  = skipdeploy finetune {pretrained} --data stdlib:train --out {work / 'skipdecode'} "
           f"--target-speedup {','.join(f'{k:g}' for k in SPEEDUPS)} --decay-tokens {decay} "
-          f"--steps {args.finetune_steps} --lr 3e-4 --batch-size {args.batch_size} --seq-len {args.seq_len} "
+          f"--steps {args.finetune_steps} --lr 3e-4 --warmup-steps 20 --batch-size {args.batch_size} --seq-len {args.seq_len} "
           f"--seed 1", flush=True)
     tuned = finetune(FinetuneConfig(model=str(pretrained), out=str(work / "skipdecode"),
                                     schedules=[s.to_dict() for s in scheds], steps=args.finetune_steps, lr=3e-4,
@@ -128,20 +129,24 @@ def main() -> None:
     if args.stop_after == "finetune":
         return
 
-    stage("4b/6 control: the same continued training with the full schedule only")
-    print(f"  = skipdeploy finetune {pretrained} --data stdlib:train --out {work / 'control'} --full "
-          f"--steps {args.finetune_steps} --lr 3e-4 --batch-size {args.batch_size} --seq-len {args.seq_len} "
-          f"--seed 1", flush=True)
-    control = finetune(FinetuneConfig(model=str(pretrained), out=str(work / "control"),
-                                      schedules=[Schedule.full(L).to_dict()], steps=args.finetune_steps, lr=3e-4,
-                                      warmup_steps=min(20, args.finetune_steps // 4),
-                                      **{**common, "seed": 1}))
+    control = None
+    if not args.no_control:
+        stage("4b/6 control: the same continued training with the full schedule only")
+        print(f"  = skipdeploy finetune {pretrained} --data stdlib:train --out {work / 'control'} --full "
+              f"--steps {args.finetune_steps} --lr 3e-4 --warmup-steps 20 --batch-size {args.batch_size} --seq-len {args.seq_len} "
+              f"--seed 1", flush=True)
+        control = finetune(FinetuneConfig(model=str(pretrained), out=str(work / "control"),
+                                          schedules=[Schedule.full(L).to_dict()], steps=args.finetune_steps, lr=3e-4,
+                                          warmup_steps=min(20, args.finetune_steps // 4),
+                                          **{**common, "seed": 1}))
 
     stage("5/6 eval")
     from skipdeploy.training.evaluate import evaluate
 
     reports = {}
     for name, model in (("before", pretrained), ("control", control), ("after", tuned)):
+        if model is None:
+            continue
         path = work / f"eval_{name}.json"
         if not path.is_file():
             print(f"  = skipdeploy eval {model} --data stdlib:heldout --target-speedup 1,2,3,5 "
