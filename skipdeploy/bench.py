@@ -12,8 +12,9 @@ Reported per row: time to first token; time per output token (median, P90, P99 o
 of every run); output tokens/s after warm-up (batch x decode steps / decode time, median over
 runs); decoder layers run per token; the measured speedup against the full schedule in the same
 runtime; the ideal speedup from the cost model below; the weight bytes a token reads and the
-memory-bandwidth floor they imply; and, per export and batch size, the peak resident memory of
-a ``generate`` in a fresh process against weights + KV cache.
+memory-bandwidth floor they imply (a probe measures the bandwidth after every round, and each
+round is compared with its own sample); and, per export and batch size, the peak resident
+memory of a ``generate`` in a fresh process against weights + KV cache.
 
 Cost model (multiply-adds per generated token and row, from the model's shapes; E hidden, F ffn,
 V vocabulary, W word-embedding width, S keys attended):
@@ -115,10 +116,12 @@ def bytes_per_token(manifest: Manifest, schedule: LayerSchedule, batch: int, pro
     return total / len(steps)
 
 
-def bandwidth_probe(threads: int | None, repeats: int = 7, nbytes: int = PROBE_BYTES) -> float | None:
-    """Bytes/s onnxruntime streams weights at: a [1, K] x [K, N] MatMul over a 256 MiB float32
-    matrix (past any cache), best of ``repeats``, same session settings as the runtime. None
-    when onnx (to build the probe graph) is missing."""
+def bandwidth_probe(threads: int | None, nbytes: int = PROBE_BYTES) -> Callable[[int], float] | None:
+    """A function ``measure(repeats) -> bytes/s``: the best of ``repeats`` runs of a [1, K] x [K, N]
+    MatMul over a 256 MiB float32 matrix (past any cache) in onnxruntime, with the runtime's session
+    settings. ``run_bench`` measures after every round, because the bandwidth a VM gets drifts with
+    its neighbours (45 to 71 GB/s within minutes here), and pairs each round with its own sample.
+    None when onnx (to build it) is missing."""
     try:
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
@@ -144,8 +147,11 @@ def bandwidth_probe(threads: int | None, repeats: int = 7, nbytes: int = PROBE_B
     del blob
     x = np.ones((1, k), np.float32)
     session.run(None, {"x": x})
-    best = min(_timed(lambda: session.run(None, {"x": x})) for _ in range(repeats))
-    return 4 * k * n / best
+
+    def measure(repeats: int) -> float:
+        return 4 * k * n / min(_timed(lambda: session.run(None, {"x": x})) for _ in range(repeats))
+
+    return measure
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -368,7 +374,7 @@ def run_bench(directory: str | os.PathLike, *, batch_sizes: Sequence[int] = (1, 
               repeats: int = 5, warmup: int = 1, decay_tokens: int | None = None, threads: int | None = None,
               hf: bool = True, checkpoint: str | None = None, quantize: str | None = None,
               int8_export: str | os.PathLike | None = None, memory: bool = True, bandwidth: bool = True,
-              seed: int = 0, progress: bool | None = None,
+              seed: int = 0, progress: bool | None = None, probe_bytes: int = PROBE_BYTES,
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark and return its results (the structure ``--json`` writes)."""
     from .runtime import load
@@ -411,16 +417,23 @@ def run_bench(directory: str | os.PathLike, *, batch_sizes: Sequence[int] = (1, 
         contenders.append(Contender("hf generate", "hf", _hf_runner(hf_model, new_tokens, pad)))
 
     load_before = _load_average()
-    probe = bandwidth_probe(threads) if bandwidth else None
+    probe = bandwidth_probe(threads, probe_bytes) if bandwidth else None
+    bandwidths: dict[int, list[float]] = {}  # batch -> one sample after each round
+
+    def sample_bandwidth(batch: int) -> None:
+        bandwidths.setdefault(batch, []).append(probe(3))
+
     try:
-        _measure(contenders, batch_sizes, prompt_length, new_tokens, spec.vocab_size, repeats, warmup, seed, progress)
+        _measure(contenders, batch_sizes, prompt_length, new_tokens, spec.vocab_size, repeats, warmup, seed, progress,
+                 between_rounds=sample_bandwidth if probe else None)
+        del probe  # frees its 256 MiB before the memory probes
         mem = {}
         if memory:
             for label, path in [("float32", manifest.directory)] + ([("int8", int8_dir)] if int8_dir else []):
                 for batch in batch_sizes:
                     mem[f"{label}/{batch}"] = {"export": label, "batch": batch, **_memory_in_subprocess(
                         Path(path), batch, prompt_length, new_tokens, threads, seed)}
-        rows = _rows(contenders, batch_sizes, spec, prompt_length, new_tokens, probe)
+        rows = _rows(contenders, batch_sizes, spec, prompt_length, new_tokens, bandwidths)
     finally:
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
@@ -434,7 +447,7 @@ def run_bench(directory: str | os.PathLike, *, batch_sizes: Sequence[int] = (1, 
                    "quantize": quantize, "hf_baseline": hf_model is not None},
         "environment": {**_environment(threads), "load_average_before": load_before, "load_average_after": load_after},
         "cost_model": {**cost_model(spec), "head_in_layers": cost_model(spec)["head"] / cost_model(spec)["layer"]},
-        "bandwidth_bytes_per_s": probe,
+        "bandwidth_bytes_per_s": {str(b): v for b, v in bandwidths.items()},
         "rows": rows,
         "memory": list(mem.values()),
         "agreement": _agreements(contenders, batch_sizes),
@@ -467,7 +480,8 @@ def _int8_export(manifest: Manifest, target: str | os.PathLike | None,
 
 
 def _measure(contenders: list[Contender], batch_sizes: list[int], prompt_length: int, new_tokens: int,
-             vocab_size: int, repeats: int, warmup: int, seed: int, progress: bool | None) -> None:
+             vocab_size: int, repeats: int, warmup: int, seed: int, progress: bool | None,
+             between_rounds: Callable[[int], None] | None = None) -> None:
     from tqdm.auto import tqdm
 
     total = len(batch_sizes) * len(contenders) * (warmup + repeats)
@@ -488,12 +502,14 @@ def _measure(contenders: list[Contender], batch_sizes: list[int], prompt_length:
                     bar.set_postfix_str(f"batch {batch}, {c.label}, round {r + 1}/{repeats}")
                     c.runs[batch].append(c.run(prompts))
                     bar.update()
+                if between_rounds is not None:
+                    between_rounds(batch)
     finally:
         bar.close()
 
 
 def _rows(contenders: list[Contender], batch_sizes: list[int], spec: ModelSpec, prompt_length: int,
-          new_tokens: int, bandwidth: float | None) -> list[dict[str, Any]]:
+          new_tokens: int, bandwidths: dict[int, list[float]]) -> list[dict[str, Any]]:
     rows = []
     full = next(c for c in contenders if c.label == "full")
     hf = next((c for c in contenders if c.kind == "hf"), None)
@@ -515,7 +531,7 @@ def _rows(contenders: list[Contender], batch_sizes: list[int], spec: ModelSpec, 
                 "speedup_vs_full": _paired_median(runs, full.runs[batch], batch) if c.kind == "skipdeploy" else None,
                 "ideal_speedup": None, "ideal_speedup_layers": None, "fraction_of_ideal": None,
                 "vs_hf": _paired_median(runs, hf.runs[batch], batch) if hf is not None else None,
-                "bytes_per_token": None, "memory_floor_ms_per_token": None,
+                "bytes_per_token": None, "memory_floor_ms_per_token": None, "fraction_of_floor": None,
             }
             if c.kind == "skipdeploy" and c.export == "float32":
                 row["ideal_speedup"] = ideal_speedup(spec, c.schedule, prompt_length, new_tokens)
@@ -524,8 +540,13 @@ def _rows(contenders: list[Contender], batch_sizes: list[int], spec: ModelSpec, 
                     row["fraction_of_ideal"] = row["speedup_vs_full"] / row["ideal_speedup"]
             if c.kind == "skipdeploy":
                 row["bytes_per_token"] = bytes_per_token(c.manifest, c.schedule, batch, prompt_length, new_tokens)
-                if bandwidth:
-                    row["memory_floor_ms_per_token"] = 1e3 * row["bytes_per_token"] / bandwidth
+                samples = bandwidths.get(batch)
+                if samples:
+                    row["memory_floor_ms_per_token"] = 1e3 * row["bytes_per_token"] / statistics.median(samples)
+                    # Each round against the bandwidth measured right after it.
+                    row["fraction_of_floor"] = statistics.median(
+                        (row["bytes_per_token"] / bw) / (run.decode_seconds / len(run.token_times))
+                        for run, bw in zip(runs, samples))
             rows.append(row)
     return rows
 
@@ -550,17 +571,17 @@ def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
 
 def format_table(results: dict[str, Any]) -> str:
     cfg, env = results["config"], results["environment"]
-    bw = results.get("bandwidth_bytes_per_s")
+    bw = [x for samples in (results.get("bandwidth_bytes_per_s") or {}).values() for x in samples]
     lines = [
         f"skipdeploy bench {results['export']}: {results['model']['layers']} layers, hidden "
         f"{results['model']['hidden']}, vocab {results['model']['vocab']}, {results['model']['dtype']}; "
         f"{env['threads']} threads on {env['cpu']}",
         f"prompt {cfg['prompt_length']} tokens, {cfg['new_tokens']} new tokens, batch sizes "
         f"{','.join(map(str, cfg['batch_sizes']))}; {cfg['repeats']} alternated rounds after {cfg['warmup']} warm-up"
-        + (f"; weights stream at {bw / 1e9:.1f} GB/s (probe)" if bw else ""),
+        + (f"; weights stream at {min(bw) / 1e9:.0f}-{max(bw) / 1e9:.0f} GB/s (probe after each round)" if bw else ""),
         "",
         f"{'batch':>5}  {'contender':<12} {'layers':>6} {'TTFT':>7} {'ms/token':>8} {'p90':>6} {'p99':>6} "
-        f"{'tok/s':>7} {'speedup':>7} {'ideal':>6} {'of ideal':>8} {'vs HF':>6} {'floor':>6}",
+        f"{'tok/s':>7} {'speedup':>7} {'ideal':>6} {'of ideal':>8} {'vs HF':>6} {'floor':>6} {'of floor':>8}",
     ]
     for row in results["rows"]:
         ms = row["ms_per_token"]
@@ -569,11 +590,13 @@ def format_table(results: dict[str, Any]) -> str:
             f"{ms['median']:>8.2f} {ms['p90']:>6.2f} {ms['p99']:>6.2f} {row['tokens_per_s']:>7.1f} "
             f"{_fmt(row['speedup_vs_full'], '.2f', 'x'):>7} {_fmt(row['ideal_speedup'], '.2f', 'x'):>6} "
             f"{_fmt(None if row['fraction_of_ideal'] is None else 100 * row['fraction_of_ideal'], '.0f', '%'):>8} "
-            f"{_fmt(row['vs_hf'], '.2f', 'x'):>6} {_fmt(row['memory_floor_ms_per_token'], '.2f'):>6}")
+            f"{_fmt(row['vs_hf'], '.2f', 'x'):>6} {_fmt(row['memory_floor_ms_per_token'], '.2f'):>6} "
+            f"{_fmt(None if row['fraction_of_floor'] is None else 100 * row['fraction_of_floor'], '.0f', '%'):>8}")
     lines.append("")
     lines.append("TTFT, ms/token (median), p90, p99 and floor in ms; tok/s = output tokens/s after warm-up; speedup "
                  "against the full schedule and vs HF are medians of per-round ratios; ideal = cost model "
-                 "(multiply-adds); floor = weight + KV bytes per token / probe bandwidth.")
+                 "(multiply-adds); floor = weight + KV bytes per token / probe bandwidth (median), of floor = "
+                 "floor / time per token, per round against that round's probe (100% = bandwidth-bound).")
     for a in results.get("agreement", []):
         lines.append(f"agreement {a['contender']} vs {a['reference']}, batch {a['batch']}: "
                      f"{100 * a['positions_equal']:.1f}% of tokens equal, {100 * a['rows_equal']:.0f}% of rows "

@@ -2,16 +2,17 @@
 
 Keys and values are bound as raw pointers: ``past_key`` to the valid prefix ``buf[:P]`` of a
 sequence-major buffer, the ``key`` output straight into the slot ``buf[P:P+T]``. Nothing is
-concatenated or copied per step, and every input and output (hidden states, positions, logits)
-is bound to a buffer that is reused from step to step.
+concatenated or copied per step, and hidden states and logits live in buffers reused from step
+to step.
 
 Performance notes (measured on 2 cores, see BENCHMARKS.md): one session per graph, each with its
-own thread pool with spinning off (a spinning pool per session was 6x slower, and a shared
-spinning pool lost to other processes on a loaded machine); graphs optimized at ORT_ENABLE_ALL
-at load; the LM head is its own graph run on the last position only; sessions are created
-largest-first (the head) so that the transient copy onnxruntime makes while pre-packing a
-graph's weights happens while the process is still small, which keeps the peak resident memory
-close to the steady one.
+own thread pool that spins only while its Run() lasts (pools that kept spinning between runs were
+1.6-2.4x slower here, 6x in an earlier probe; no spinning at all was 2-8% slower) and hands out
+dynamic block sizes in parallel loops; graphs optimized at ORT_ENABLE_ALL at load; the LM head
+is its own graph run on the last position only; one CPU arena shared by all sessions; sessions
+are created largest-first (the head), returning freed heap to the OS after each, so that the
+transient copy onnxruntime makes while pre-packing a graph's weights costs least and the peak
+resident memory stays close to the steady one.
 """
 
 from __future__ import annotations
@@ -38,8 +39,14 @@ def session_options(threads: int | None = None, shared_arena: bool = False) -> o
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # One session per graph: spinning thread pools would fight each other (measured 6x slower).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # One session per graph: pools that keep spinning after their Run() fight the next graph's
+    # pool (measured 1.6-2.4x slower). Spinning only inside a Run() (force_spinning_stop) wakes the
+    # worker faster for each operator: 2-8% faster than no spinning, also with another process
+    # busy on the cores (BENCHMARKS.md).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    # Parallel loops hand out shrinking blocks of work instead of fixed ones: 2-8% faster here.
+    options.add_session_config_entry("session.dynamic_block_base", "4")
     if shared_arena and _register_shared_arena():
         # The graphs run one after another, so one arena for all of them holds the largest
         # graph's scratch memory, not the sum over 14 graphs (measured: -200 MB at batch 8).
@@ -84,55 +91,6 @@ def release_free_heap() -> None:
         _MALLOC_TRIM(0)
 
 
-class _Binding:
-    """A session's IOBinding, bound to raw CPU pointers.
-
-    Uses onnxruntime's C-level binding directly where this onnxruntime exposes it: that skips
-    ~12 us of Python wrapper work per layer call (device objects, capture checks), about 1% of
-    a batch-1 decode step. Falls back to the public API otherwise.
-    """
-
-    def __init__(self, session: ort.InferenceSession) -> None:
-        self.session = session
-        self.io = session.io_binding()
-        self._raw = getattr(self.io, "_iobinding", None)
-        self._sess = getattr(session, "_sess", None)
-        try:
-            self._device = ort.OrtDevice.make("cpu", 0)._get_c_device()
-        except Exception:  # a different onnxruntime: public API only
-            self._raw = None
-        if self._sess is None:
-            self._raw = None
-
-    def input(self, name: str, dtype, shape, pointer: int) -> None:
-        if self._raw is not None:
-            try:
-                self._raw.bind_input(name, self._device, dtype, shape, pointer)
-                return
-            except TypeError:  # the private signature changed: public API from now on
-                self._raw = None
-        self.io.bind_input(name, "cpu", 0, dtype, shape, pointer)
-
-    def output(self, name: str, dtype, shape, pointer: int) -> None:
-        if self._raw is not None:
-            try:
-                self._raw.bind_output(name, self._device, dtype, shape, pointer)
-                return
-            except TypeError:
-                self._raw = None
-        self.io.bind_output(name, "cpu", 0, dtype, shape, pointer)
-
-    def run(self) -> None:
-        if self._raw is not None:
-            self._sess.run_with_iobinding(self._raw, None)
-        else:
-            self.session.run_with_iobinding(self.io)
-
-
-def _pointer(array: np.ndarray) -> int:
-    return array.__array_interface__["data"][0]
-
-
 class OnnxRuntimeEngine(Engine):
     name = "onnxruntime"
 
@@ -156,9 +114,9 @@ class OnnxRuntimeEngine(Engine):
             self.layer_sessions = [session(manifest.layer_path(i)) for i in range(self.spec.num_layers)]
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise BackendError(f"onnxruntime cannot load the export {manifest.directory}: {exc}") from None
-        self._embed_io = _Binding(self.embed_session)
-        self._layer_io = [_Binding(s) for s in self.layer_sessions]
-        self._head_io = _Binding(self.head_session)
+        self._embed_io = self.embed_session.io_binding()
+        self._layer_io = [s.io_binding() for s in self.layer_sessions]
+        self._head_io = self.head_session.io_binding()
         self._key_pool: list[np.ndarray] = [np.empty(0, self.dtype) for _ in range(self.spec.num_layers)]
         self._value_pool: list[np.ndarray] = [np.empty(0, self.dtype) for _ in range(self.spec.num_layers)]
         self._buffers: dict[tuple, np.ndarray] = {}
@@ -183,9 +141,7 @@ class OnnxRuntimeEngine(Engine):
                     pool[layer] = np.empty(need, self.dtype)
             keys.append(self._key_pool[layer][:need].reshape(cap, batch, H, D))
             values.append(self._value_pool[layer][:need].reshape(cap, batch, H, D))
-        cache = KVCache(keys, values, capacities, batch)
-        cache.pointers = [(_pointer(k), _pointer(v)) for k, v in zip(keys, values)]  # bound every step
-        return cache
+        return KVCache(keys, values, capacities, batch)
 
     # -- graphs ----------------------------------------------------------------------------
     def embed(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
@@ -194,10 +150,10 @@ class OnnxRuntimeEngine(Engine):
         ids = np.ascontiguousarray(input_ids, np.int64)
         pos = np.ascontiguousarray(position_ids, np.int64)
         io = self._embed_io
-        io.input("input_ids", np.int64, [B, T], _pointer(ids))
-        io.input("position_ids", np.int64, [B, T], _pointer(pos))
-        io.output("hidden", self.dtype, out.shape, _pointer(out))
-        io.run()
+        io.bind_input("input_ids", "cpu", 0, np.int64, [B, T], ids.ctypes.data)
+        io.bind_input("position_ids", "cpu", 0, np.int64, [B, T], pos.ctypes.data)
+        io.bind_output("hidden", "cpu", 0, self.dtype, out.shape, out.ctypes.data)
+        self.embed_session.run_with_iobinding(io)
         return out
 
     def layer(self, index: int, hidden: np.ndarray, cache: KVCache, past: int,
@@ -213,17 +169,15 @@ class OnnxRuntimeEngine(Engine):
         slot = B * H * D * keys.itemsize
         which = 1 if self._buffers.get(("hidden", 1, B, T)) is not hidden else 0
         out = self._buffer(("hidden", which, B, T), (B, T, E), self.dtype)
-        pointers = getattr(cache, "pointers", None)
-        key_ptr, value_ptr = pointers[index] if pointers else (_pointer(keys), _pointer(values))
         io = self._layer_io[index]
-        io.input("hidden", self.dtype, [B, T, E], _pointer(hidden))
-        io.input("past_key", self.dtype, [past, B, H, D], key_ptr)
-        io.input("past_value", self.dtype, [past, B, H, D], value_ptr)
-        io.input("attention_bias", np.float32, [B, past + T], _pointer(attention_bias))
-        io.output("hidden_out", self.dtype, [B, T, E], _pointer(out))
-        io.output("key", self.dtype, [T, B, H, D], key_ptr + past * slot)
-        io.output("value", self.dtype, [T, B, H, D], value_ptr + past * slot)
-        io.run()
+        io.bind_input("hidden", "cpu", 0, self.dtype, [B, T, E], hidden.ctypes.data)
+        io.bind_input("past_key", "cpu", 0, self.dtype, [past, B, H, D], keys.ctypes.data)
+        io.bind_input("past_value", "cpu", 0, self.dtype, [past, B, H, D], values.ctypes.data)
+        io.bind_input("attention_bias", "cpu", 0, np.float32, [B, past + T], attention_bias.ctypes.data)
+        io.bind_output("hidden_out", "cpu", 0, self.dtype, [B, T, E], out.ctypes.data)
+        io.bind_output("key", "cpu", 0, self.dtype, [T, B, H, D], keys.ctypes.data + past * slot)
+        io.bind_output("value", "cpu", 0, self.dtype, [T, B, H, D], values.ctypes.data + past * slot)
+        self.layer_sessions[index].run_with_iobinding(io)
         return out
 
     def head(self, hidden: np.ndarray) -> np.ndarray:
@@ -231,9 +185,9 @@ class OnnxRuntimeEngine(Engine):
         last = np.ascontiguousarray(hidden[:, -1, :])
         logits = self._buffer(("logits", B), (B, self.spec.vocab_size), np.float32)
         io = self._head_io
-        io.input("hidden", self.dtype, list(last.shape), _pointer(last))
-        io.output("logits", np.float32, list(logits.shape), _pointer(logits))
-        io.run()
+        io.bind_input("hidden", "cpu", 0, self.dtype, list(last.shape), last.ctypes.data)
+        io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self.head_session.run_with_iobinding(io)
         return logits
 
     def close(self) -> None:

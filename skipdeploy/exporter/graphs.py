@@ -52,9 +52,9 @@ class _Builder:
     def cast(self, x: str, source: str, to: str) -> str:
         return x if source == to else self.op("Cast", [x], to=_ONNX_DTYPE[to])
 
-    def linear(self, x: str, weight: str, bias: str | None) -> str:
-        y = self.op("MatMul", [x, weight])
-        return self.op("Add", [y, bias]) if bias else y
+    def gemm(self, x: str, weight: str, bias: str | None) -> str:
+        """x [N, in] @ weight [in, out] (+ bias) as one Gemm node."""
+        return self.op("Gemm", [x, weight, bias] if bias else [x, weight])
 
     def layer_norm(self, x: str, scale: str, bias: str) -> str:
         # Normalization statistics in fp32 even in fp16 graphs.
@@ -92,9 +92,9 @@ def build_layer(spec: ModelSpec, w: dict[str, np.ndarray | None], dtype: str, op
     Written for decode speed with standard ONNX ops only (so that every backend can run it):
     attention scores the cached prefix and the new positions separately, so the cache is never
     concatenated (that was an O(P) copy of keys and values per layer and step) and only the
-    small [T, T] block of the new positions needs a causal mask. The projections stay
-    MatMul + Add on [B, T, E]: as 2-D ``Gemm`` nodes they were 1% faster but onnxruntime keeps
-    ~7 MB more per layer after pre-packing them (measured, BENCHMARKS.md).
+    small [T, T] block of the new positions needs a causal mask; the projections work on
+    [B*T, E] rows as one ``Gemm`` each, bias included (onnxruntime also fuses Gemm + Relu):
+    1-3% faster per decode step than MatMul + Add on [B, T, E] (BENCHMARKS.md).
     """
     E, H, D = spec.hidden_size, spec.num_heads, spec.head_dim
     b = _Builder(dtype)
@@ -107,11 +107,11 @@ def build_layer(spec: ModelSpec, w: dict[str, np.ndarray | None], dtype: str, op
     ln_ffn = (W("ln_ffn.weight", True), W("ln_ffn.bias", True))
     pre = spec.layer_norm == "pre"
 
-    x = "hidden"
+    x = b.op("Reshape", ["hidden", b.const([-1, E])])                                 # [B*T, E]
     h = b.layer_norm(x, *ln_attn) if pre else x
-    qkv = b.linear(h, W("qkv.weight"), W("qkv.bias"))
-    q, k, v = b.op("Split", [qkv, b.const([E, E, E])], 3, axis=2)
-    heads = b.const([0, 0, H, D])
+    qkv = b.gemm(h, W("qkv.weight"), W("qkv.bias"))
+    q, k, v = b.op("Split", [qkv, b.const([E, E, E])], 3, axis=1)
+    heads = b.op("Concat", [b.op("Shape", ["hidden"], start=0, end=2), b.const([H, D])], axis=0)  # B,T,H,D
     q = b.op("Transpose", [b.op("Reshape", [q, heads])], perm=[0, 2, 1, 3])          # [B,H,T,D]
     k, v = b.op("Reshape", [k, heads]), b.op("Reshape", [v, heads])                   # [B,T,H,D]
     b.op("Transpose", [k], ["key"], perm=[1, 0, 2, 3])                                # [T,B,H,D]
@@ -135,18 +135,18 @@ def build_layer(spec: ModelSpec, w: dict[str, np.ndarray | None], dtype: str, op
     new_probs = b.op("Slice", [probs, past, b.const([np.iinfo(np.int64).max]), b.const([3])])
     context = b.op("Add", [b.op("MatMul", [past_probs, b.op("Transpose", ["past_value"], perm=[1, 2, 0, 3])]),
                            b.op("MatMul", [new_probs, b.op("Transpose", [v], perm=[0, 2, 1, 3])])])  # [B,H,T,D]
-    context = b.op("Reshape", [b.op("Transpose", [context], perm=[0, 2, 1, 3]), b.const([0, 0, E])])
-    x = b.op("Add", [x, b.linear(context, W("out_proj.weight"), W("out_proj.bias"))])
+    context = b.op("Reshape", [b.op("Transpose", [context], perm=[0, 2, 1, 3]), b.const([-1, E])])
+    x = b.op("Add", [x, b.gemm(context, W("out_proj.weight"), W("out_proj.bias"))])
     if not pre:
         x = b.layer_norm(x, *ln_attn)
 
     h = b.layer_norm(x, *ln_ffn) if pre else x
-    h = b.linear(h, W("fc1.weight"), W("fc1.bias"))
+    h = b.gemm(h, W("fc1.weight"), W("fc1.bias"))
     h = _activation(b, h, spec.activation)
-    x = b.op("Add", [x, b.linear(h, W("fc2.weight"), W("fc2.bias"))])
+    x = b.op("Add", [x, b.gemm(h, W("fc2.weight"), W("fc2.bias"))])
     if not pre:
         x = b.layer_norm(x, *ln_ffn)
-    b.op("Identity", [x], ["hidden_out"])
+    b.op("Reshape", [x, b.op("Shape", ["hidden"])], ["hidden_out"])
 
     inputs = [_value("hidden", dt, ["batch", "new_tokens", E]),
               _value("past_key", dt, ["past_tokens", "batch", H, D]),
