@@ -438,6 +438,7 @@ def run_bench(directory: str | os.PathLike, *, batch_sizes: Sequence[int] = (1, 
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
     load_after = _load_average()
+    costs = cost_model(spec)
     results = {
         "export": str(manifest.directory), "model": {"layers": L, "hidden": spec.hidden_size, "ffn": spec.ffn_dim,
                                                      "vocab": spec.vocab_size, "dtype": manifest.dtype},
@@ -446,7 +447,7 @@ def run_bench(directory: str | os.PathLike, *, batch_sizes: Sequence[int] = (1, 
                    "repeats": repeats, "warmup": warmup, "threads": threads, "seed": seed,
                    "quantize": quantize, "hf_baseline": hf_model is not None},
         "environment": {**_environment(threads), "load_average_before": load_before, "load_average_after": load_after},
-        "cost_model": {**cost_model(spec), "head_in_layers": cost_model(spec)["head"] / cost_model(spec)["layer"]},
+        "cost_model": {**costs, "head_in_layers": costs["head"] / costs["layer"]},
         "bandwidth_bytes_per_s": {str(b): v for b, v in bandwidths.items()},
         "rows": rows,
         "memory": list(mem.values()),
@@ -459,12 +460,15 @@ def _int8_export(manifest: Manifest, target: str | os.PathLike | None,
                  log: Callable[[str], None]) -> tuple[Path, Path | None]:
     """An int8 export of ``manifest``: ``target`` if it already holds one, else a new one there
     (kept) or in a temporary directory (removed after the benchmark)."""
-    from .manifest import read_manifest
+    from .manifest import MANIFEST, describe_file, read_manifest
 
-    if target is not None and (Path(target) / "manifest.json").is_file():
-        existing = read_manifest(target, verify=False)
-        if (existing.raw.get("quantization") or {}).get("weights") != "int8":
-            raise InputError(f"{target} is not an int8 export of {manifest.directory}")
+    if target is not None and (Path(target) / MANIFEST).is_file():
+        made = read_manifest(target, verify=False).quantization or {}
+        if made.get("weights") != "int8":
+            raise InputError(f"{target} is not an int8 export; pass another --int8-export")
+        if made.get("source_manifest_sha256") != describe_file(manifest.directory / MANIFEST)["sha256"]:
+            raise InputError(f"{target} was quantized from another export than {manifest.directory} (or an "
+                             "earlier version of it); remove it or pass another --int8-export")
         return Path(target), None
     try:
         from .exporter.quantize import quantize_export

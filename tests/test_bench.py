@@ -113,6 +113,9 @@ def test_bench_refuses_bad_options(exports, int8_export):
             run_bench(exports["tiny"], hf=False, memory=False, bandwidth=False, progress=False, **kwargs)
     with pytest.raises(InputError, match="quantized export"):
         run_bench(int8_export, hf=False, memory=False, bandwidth=False, progress=False)
+    with pytest.raises(InputError, match="quantized from another export"):
+        run_bench(exports["tiny-post-ln"], target_speedups=[2], quantize="int8", int8_export=int8_export, hf=False,
+                  memory=False, bandwidth=False, progress=False)
     result = CliRunner().invoke(main, ["bench", str(exports["tiny"]), "--batch-sizes", "1,x"])
     assert result.exit_code == 1 and "comma-separated" in result.output
 
