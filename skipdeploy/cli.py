@@ -6,7 +6,6 @@ error (click's own).
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path

@@ -70,7 +70,7 @@ class Report:
 def verify(directory: str | Path, model: str | Path | None = None, backend: str = "onnxruntime",
            max_new_tokens: int = 16, seed: int = 0) -> Report:
     try:
-        import torch  # noqa: F401
+        import torch  # noqa: F401  (the reference backend needs it)
     except ImportError:
         raise SkipDeployError("verify compares against PyTorch: pip install 'skipdeploy[export]'") from None
     runtime = load(directory, backend=backend)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import skipdeploy
 from skipdeploy import Schedule, TableSchedule
 from skipdeploy.errors import CapacityError, InputError
 from skipdeploy.runtime import plan_capacities

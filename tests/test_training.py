@@ -13,7 +13,7 @@ import skipdeploy
 from skipdeploy.cli import main
 from skipdeploy.errors import ScheduleError
 from skipdeploy.random_checkpoint import make_checkpoint
-from skipdeploy.schedule import LayerSchedule, Schedule, TableSchedule
+from skipdeploy.schedule import Schedule, TableSchedule
 from skipdeploy.training import data as data_mod
 from skipdeploy.training.finetune import FinetuneConfig, finetune, stored_schedules
 from skipdeploy.training.forward import layer_extents, schedule_forward

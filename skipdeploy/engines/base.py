@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import BackendError
 from ..manifest import Manifest
 
 
@@ -58,6 +59,17 @@ class Engine(ABC):
     def layer(self, index: int, hidden: Any, cache: KVCache, past: int, attention_bias: np.ndarray) -> Any:
         """Run layer ``index`` on T new positions; write their keys and values into
         ``cache[index][past:past+T]`` in place; return the new hidden states."""
+
+    @staticmethod
+    def check_layer_call(index: int, cache: KVCache, past: int, new: int, batch: int,
+                         attention_bias: np.ndarray) -> None:
+        """Refuse a call that would write outside layer ``index``'s cache or mask the wrong keys:
+        with raw pointers, an overflow would corrupt memory silently."""
+        if past + new > cache.capacities[index]:
+            raise BackendError(f"layer {index}: writing positions {past}..{past + new - 1} would overflow "
+                               f"its cache of {cache.capacities[index]} positions")
+        if attention_bias.shape != (batch, past + new) or not attention_bias.flags.c_contiguous:
+            raise BackendError(f"layer {index}: attention bias must be a contiguous [{batch}, {past + new}] array")
 
     @abstractmethod
     def head(self, hidden: Any) -> np.ndarray:

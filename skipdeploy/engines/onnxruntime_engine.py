@@ -161,11 +161,7 @@ class OnnxRuntimeEngine(Engine):
         B, T, E = hidden.shape
         H, D = self.spec.num_heads, self.spec.head_dim
         keys, values = cache.keys[index], cache.values[index]
-        if past + T > cache.capacities[index]:
-            raise BackendError(f"layer {index}: writing positions {past}..{past + T - 1} would overflow "
-                               f"its cache of {cache.capacities[index]} positions")
-        if attention_bias.shape != (B, past + T) or not attention_bias.flags.c_contiguous:
-            raise BackendError(f"layer {index}: attention bias must be a contiguous [{B}, {past + T}] array")
+        self.check_layer_call(index, cache, past, T, B, attention_bias)
         slot = B * H * D * keys.itemsize
         which = 1 if self._buffers.get(("hidden", 1, B, T)) is not hidden else 0
         out = self._buffer(("hidden", which, B, T), (B, T, E), self.dtype)

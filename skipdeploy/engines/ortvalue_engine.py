@@ -25,6 +25,7 @@ import onnxruntime as ort
 from ..errors import BackendError
 from ..manifest import Manifest
 from .base import Engine, KVCache
+from .onnxruntime_engine import session_options
 
 MASK_VALUE = -1e9
 PAD_VALUE = 2 * MASK_VALUE  # bias of the masked slot in front of a padded cache (see pad_bias)
@@ -46,17 +47,6 @@ class DeviceArray:
         size = int(np.prod(self.shape)) * self.dtype.itemsize
         array = flat[self.offset:self.offset + size].view(self.dtype).reshape(self.shape).copy()
         return array if dtype is None else array.astype(dtype)
-
-
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
 
 
 def cuda_provider_usable(path, device_id: int = 0) -> tuple[bool, str]:
@@ -187,11 +177,7 @@ class OrtValueEngine(Engine):
         hidden = self._hidden(hidden)
         B, T, E = hidden.shape
         H, D = self.spec.num_heads, self.spec.head_dim
-        if past + T > cache.capacities[index]:
-            raise BackendError(f"layer {index}: writing positions {past}..{past + T - 1} would overflow "
-                               f"its cache of {cache.capacities[index]} positions")
-        if attention_bias.shape != (B, past + T):
-            raise BackendError(f"layer {index}: attention bias must be a [{B}, {past + T}] array")
+        self.check_layer_call(index, cache, past, T, B, attention_bias)
         slot = B * H * D * np.dtype(self.dtype).itemsize
         keys, values = cache.keys[index].value.data_ptr(), cache.values[index].value.data_ptr()
         P = past + self.pad  # positions bound as the past, the masked slot included

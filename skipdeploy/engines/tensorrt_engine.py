@@ -220,11 +220,7 @@ class TensorRTEngine(Engine):
         hidden = self._device(hidden)
         B, T, E = hidden.shape
         H, D = self.spec.num_heads, self.spec.head_dim
-        if past + T > cache.capacities[index]:
-            raise BackendError(f"layer {index}: writing positions {past}..{past + T - 1} would overflow "
-                               f"its cache of {cache.capacities[index]} positions")
-        if attention_bias.shape != (B, past + T):
-            raise BackendError(f"layer {index}: attention bias must be a [{B}, {past + T}] array")
+        self.check_layer_call(index, cache, past, T, B, attention_bias)
         P = past + PAST_PAD
         profile = DECODE_PROFILE if T == 1 else PREFILL_PROFILE
         shapes = {"hidden": (B, T, E), "past_key": (P, B, H, D), "past_value": (P, B, H, D),

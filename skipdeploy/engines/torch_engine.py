@@ -218,20 +218,13 @@ class TorchEngine(Engine):
         y = x @ w[f"{name}.weight"]
         return y + w[f"{name}.bias"] if f"{name}.bias" in w else y
 
-    def _check_capacity(self, index: int, cache: KVCache, past: int, new: int) -> None:
-        if past + new > cache.capacities[index]:
-            raise BackendError(f"layer {index}: writing positions {past}..{past + new - 1} would overflow "
-                               f"its cache of {cache.capacities[index]} positions")
-
     @torch.no_grad()
     def layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray):
         if isinstance(hidden, _PendingStep):
-            self._check_capacity(index, cache, past, 1)
-            if attention_bias.shape != (hidden.shape[0], past + 1):
-                raise BackendError(f"layer {index}: attention bias must be [{hidden.shape[0]}, {past + 1}]")
+            self.check_layer_call(index, cache, past, 1, hidden.shape[0], attention_bias)
             return hidden.then(index, cache, past, attention_bias)
         B, T, E = hidden.shape
-        self._check_capacity(index, cache, past, T)
+        self.check_layer_call(index, cache, past, T, B, attention_bias)
         return self._dynamic_layer(index, hidden, cache, past, attention_bias)
 
     def _dynamic_layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray):

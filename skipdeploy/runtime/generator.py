@@ -187,7 +187,7 @@ class Runtime:
                 self._owner = None
 
     def _decode(self, plan: _Plan, schedule: LayerSchedule, output_logits: bool) -> Iterator[Step]:
-        engine, config = self.engine, plan.config
+        config = plan.config
         B, Tp = plan.ids.shape
         cache = self._allocate(plan.capacities, B)
         picker = TokenPicker(config, plan.rows)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
