@@ -122,24 +122,9 @@ def test_verify_passes_on_a_good_export(exports, checkpoints):
 
 
 def test_verify_fails_on_a_perturbed_graph(exports, checkpoints, tmp_path):
-    import shutil
+    from .conftest import edited_export
 
-    import onnx
-    from onnx import numpy_helper
-
-    from skipdeploy.manifest import describe_file
-
-    copy = tmp_path / "copy"
-    shutil.copytree(exports["tiny"], copy)
-    path = copy / "layer_01.onnx"
-    model = onnx.load(str(path))
-    for init in model.graph.initializer:
-        if init.name == "fc2.bias":
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 0.01, init.name))
-    onnx.save(model, str(path))
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["files"]["layer_01.onnx"] = describe_file(path)
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    copy = edited_export(exports["tiny"], tmp_path / "copy", "layer_01.onnx", "fc2.bias", lambda b: b + 0.01)
     result = run("verify", copy, "--model", checkpoints["tiny"])
     assert result.exit_code == 1
     assert "verification failed beyond tolerance: layer_01.onnx" in result.output

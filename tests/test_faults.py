@@ -10,18 +10,15 @@ import sys
 import threading
 
 import numpy as np
-import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import numpy_helper
 
 import skipdeploy
 from skipdeploy import Schedule
 from skipdeploy.cli import main
 from skipdeploy.errors import CapacityError, ManifestError, NumericalError
-from skipdeploy.manifest import describe_file
 
-from .conftest import PROMPTS
+from .conftest import PROMPTS, edited_export, with_nan_column
 
 
 def _copy(export, tmp_path):
@@ -49,18 +46,7 @@ def test_cache_that_does_not_fit_says_what_it_needs(exports):
 
 
 def test_nan_logits_name_the_step_and_the_first_layer(exports, tmp_path):
-    copy = _copy(exports["tiny"], tmp_path)
-    path = copy / "layer_02.onnx"
-    model = onnx.load(str(path))
-    for init in model.graph.initializer:
-        if init.name == "fc1.weight":
-            weights = numpy_helper.to_array(init).copy()
-            weights[:, 0] = np.nan
-            init.CopyFrom(numpy_helper.from_array(weights, init.name))
-    onnx.save(model, str(path))
-    data = json.loads((copy / "manifest.json").read_text())
-    data["files"]["layer_02.onnx"] = describe_file(path)  # a consistent, but numerically broken, export
-    (copy / "manifest.json").write_text(json.dumps(data))
+    copy = edited_export(exports["tiny"], tmp_path / "nan", "layer_02.onnx", "fc1.weight", with_nan_column)
     rt = skipdeploy.load(copy)
     with pytest.raises(NumericalError, match="generated token 0: first produced by decoder layer 2"):
         rt.generate(PROMPTS, 4)

@@ -16,11 +16,9 @@ import json
 import shutil
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from onnx import numpy_helper
 
 import skipdeploy
 from skipdeploy import Schedule, TableSchedule
@@ -35,7 +33,7 @@ from skipdeploy.errors import BackendError, NumericalError
 from skipdeploy.manifest import describe_file, read_manifest
 from skipdeploy.runtime import Runtime
 
-from .conftest import PROMPTS, VARIANTS, comparable_prefix
+from .conftest import PROMPTS, VARIANTS, comparable_prefix, edited_export, with_nan_column
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -72,6 +70,17 @@ def _decode_layer_sets(schedule, batch, steps=STEPS):
 def fp16_export(checkpoints, tmp_path_factory):
     out = tmp_path_factory.mktemp("fp16") / "tiny16"
     return skipdeploy.export(checkpoints["tiny"], out, dtype="float16", progress=False, log=lambda m: None).directory
+
+
+def _assert_fp16_close(got, want):
+    """fp16 against an fp32 reference: tokens up to the first reference near-tie (gap 1e-2), logits
+    within 2e-2 of their scale."""
+    for row in range(len(PROMPTS)):
+        n = comparable_prefix(want.logits, row, min_gap=1e-2)
+        assert got.tokens[row][:n] == want.tokens[row][:n]
+        for step in range(n):
+            scale = max(1.0, float(np.abs(want.logits[step][row]).max()))
+            assert np.abs(got.logits[step][row] - want.logits[step][row]).max() / scale < 2e-2
 
 
 # -- torch: the static-cache decode path (what CUDA graphs capture), on the CPU ---------------------------
@@ -119,28 +128,11 @@ def test_static_cache_fp16_on_cpu(fp16_export):
     assert rt.engine.dtype == torch.float16
     for sched in SCHEDULES[:2]:
         got, want = _generate(rt, sched), _generate(ref, sched)
-        for row in range(len(PROMPTS)):
-            n = comparable_prefix(want.logits, row, min_gap=1e-2)
-            assert got.tokens[row][:n] == want.tokens[row][:n]
-            for step in range(n):
-                scale = max(1.0, float(np.abs(want.logits[step][row]).max()))
-                assert np.abs(got.logits[step][row] - want.logits[step][row]).max() / scale < 2e-2
+        _assert_fp16_close(got, want)
 
 
 def test_deferred_steps_still_name_the_first_non_finite_layer(exports, tmp_path):
-    copy = tmp_path / "nan"
-    shutil.copytree(exports["tiny"], copy)
-    path = copy / "layer_02.onnx"
-    model = onnx.load(str(path))
-    for init in model.graph.initializer:
-        if init.name == "fc1.weight":
-            weights = numpy_helper.to_array(init).copy()
-            weights[:, 0] = np.nan
-            init.CopyFrom(numpy_helper.from_array(weights, init.name))
-    onnx.save(model, str(path))
-    data = json.loads((copy / "manifest.json").read_text())
-    data["files"]["layer_02.onnx"] = describe_file(path)
-    (copy / "manifest.json").write_text(json.dumps(data))
+    copy = edited_export(exports["tiny"], tmp_path / "nan", "layer_02.onnx", "fc1.weight", with_nan_column)
     manifest = read_manifest(copy)
     for engine in (TorchEngine(manifest, static_cache=True), OrtValueEngine(manifest, device="cpu", pad_past=True)):
         with pytest.raises(NumericalError, match="generated token 0: first produced by decoder layer 2"):
@@ -349,12 +341,7 @@ def test_torch_cuda_fp16_matches_fp32_reference(runtimes, exports, variant):
     rt = skipdeploy.load(exports[variant], backend="torch", device="cuda")
     for sched in SCHEDULES[:2]:
         got, want = _generate(rt, sched), _generate(runtimes[variant, "onnxruntime"], sched)
-        for row in range(len(PROMPTS)):
-            n = comparable_prefix(want.logits, row, min_gap=1e-2)
-            assert got.tokens[row][:n] == want.tokens[row][:n]
-            for step in range(n):
-                scale = max(1.0, float(np.abs(want.logits[step][row]).max()))
-                assert np.abs(got.logits[step][row] - want.logits[step][row]).max() / scale < 2e-2
+        _assert_fp16_close(got, want)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
