@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import shutil
@@ -72,11 +73,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
     if schedule.num_layers != spec.num_layers:
         raise ExportError(f"the schedule is for {schedule.num_layers} layers, the model has {spec.num_layers}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staging_directory(out) as tmp:
         data: dict[str, list[str]] = {}  # graph file -> the external data files it reads
         errors = _write_graphs(tmp, spec, hf_model, dtype, opset, check_graphs, progress, data)
         worst = max(errors, key=errors.get) if errors else None
@@ -111,15 +108,27 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
         })
         manifest = read_manifest(tmp, verify=True)
         _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     manifest.directory = out
     if tensorrt:  # the export is complete and valid on its own; engines are cache entries beside it
         from ..engines.tensorrt_build import build_engines
 
         build_engines(out, log=log)
     return manifest
+
+
+@contextlib.contextmanager
+def staging_directory(out: Path):
+    """A hidden sibling of ``out`` to write an export into, removed if the block fails; what killed
+    runs left beside ``out`` goes first. The caller renames it into place (``_replace``)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _remove_stale_partials(out: Path) -> None:

@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import sys
-import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -63,12 +62,9 @@ def quantize_export(source: str | os.PathLike, out: str | os.PathLike, *, weight
 
     from tqdm.auto import tqdm
 
-    from .export import _replace
+    from .export import _replace, staging_directory
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staging_directory(out) as tmp:
         graphs = json.loads(json.dumps(src.graphs))  # a deep copy to edit
         quantized = [g["file"] for g in graphs["layers"]] + [graphs["head"]["file"]]
         errors: dict[str, float] = {}
@@ -107,9 +103,6 @@ def quantize_export(source: str | os.PathLike, out: str | os.PathLike, *, weight
         write_manifest(tmp, data)
         manifest = read_manifest(tmp, verify=True)
         _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     manifest.directory = out
     return manifest
 
