@@ -460,13 +460,15 @@ def _int8_export(manifest: Manifest, target: str | os.PathLike | None,
                  log: Callable[[str], None]) -> tuple[Path, Path | None]:
     """An int8 export of ``manifest``: ``target`` if it already holds one, else a new one there
     (kept) or in a temporary directory (removed after the benchmark)."""
-    from .manifest import MANIFEST, describe_file, read_manifest
+    from .manifest import MANIFEST, read_manifest
 
     if target is not None and (Path(target) / MANIFEST).is_file():
-        made = read_manifest(target, verify=False).quantization or {}
-        if made.get("weights") != "int8":
+        made = read_manifest(target, verify=False)
+        if (made.quantization or {}).get("weights") != "int8":
             raise InputError(f"{target} is not an int8 export; pass another --int8-export")
-        if made.get("source_manifest_sha256") != describe_file(manifest.directory / MANIFEST)["sha256"]:
+        from .exporter.quantize import is_quantized_from
+
+        if not is_quantized_from(made, manifest):
             raise InputError(f"{target} was quantized from another export than {manifest.directory} (or an "
                              "earlier version of it); remove it or pass another --int8-export")
         return Path(target), None

@@ -76,6 +76,12 @@ class Manifest:
     def layer_path(self, index: int) -> Path:
         return self.directory / self.graphs["layers"][index]["file"]
 
+    def graph_files(self, path: Path) -> list[str]:
+        """The graph file at ``path`` and the external data files its weights live in."""
+        entries = [self.graphs["embed"], self.graphs["head"], *self.graphs["layers"]]
+        entry = next((e for e in entries if e["file"] == path.name), {})
+        return [path.name, *entry.get("data", [])]
+
     @property
     def tokenizer_path(self) -> Path | None:
         name = self.raw.get("tokenizer")

@@ -142,6 +142,54 @@ def test_int8_export_runs_on_onnxruntime_and_is_recorded(exports, int8_export):
         quantize_export(int8_export, int8_export.parent / "again", progress=False, log=lambda m: None)
 
 
+def _cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_quantize_command_inspect_and_verify_against_the_float_export(exports, tmp_path):
+    out = tmp_path / "int8"
+    result = _cli("quantize", exports["tiny"], "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "int8 weights" in result.output and read_manifest(out).quantization["source"] == str(exports["tiny"])
+    shown = _cli("inspect", out).output
+    assert "int8 in 5 graphs (per channel); max error vs float32" in shown and "before quantization" in shown
+    report = json.loads(_cli("verify", out, "--json").stdout)
+    assert report["ok"], report
+    errors = [g["error"] for g in report["graphs"][1:]]  # embed.onnx is copied unchanged
+    # Really int8 (far above float32 noise), yet within the int8 tolerance; logits likewise.
+    assert all(1e-4 < e <= g["tolerance"] for e, g in zip(errors, report["graphs"][1:]))
+    assert all(d["reference"] == "torch backend" and d["tolerance"] == 0.1 for d in report["decode"])
+    assert _cli("quantize", exports["tiny"], "--out", out).exit_code == 1  # exists, no --force
+    again = _cli("quantize", out, "--out", tmp_path / "again")
+    assert again.exit_code == 1 and "already quantized" in again.output
+
+
+def test_verify_fails_on_a_perturbed_int8_graph(int8_export, tmp_path):
+    from .conftest import edited_export
+
+    broken = edited_export(int8_export, tmp_path / "broken", "layer_02.onnx", "fc2.bias", lambda b: b + 1.0)
+    result = _cli("verify", broken)
+    assert result.exit_code == 1 and "verification failed beyond tolerance: layer_02.onnx" in result.output
+
+
+def test_export_quantize_and_its_reference(checkpoints, exports, tmp_path):
+    out = tmp_path / "direct-int8"
+    result = _cli("export", checkpoints["tiny"], "--out", out, "--quantize", "int8")
+    assert result.exit_code == 0, result.output
+    m = read_manifest(out)
+    assert m.quantization["weights"] == "int8" and m.quantization["source"] is None
+    assert [p.name for p in tmp_path.iterdir()] == ["direct-int8"]  # the float32 staging export is gone
+    missing = _cli("verify", out)
+    assert missing.exit_code == 1 and "--reference DIR, or the checkpoint with --model" in missing.output
+    assert json.loads(_cli("verify", out, "--reference", exports["tiny"], "--json").stdout)["ok"]
+    assert json.loads(_cli("verify", out, "--model", checkpoints["tiny"], "--json").stdout)["ok"]
+    other = _cli("verify", out, "--reference", exports["tiny-post-ln"])
+    assert other.exit_code == 1 and "was not quantized from" in other.output
+    for bad in (["--dtype", "float16"], ["--tensorrt"]):
+        refused = _cli("export", checkpoints["tiny"], "--out", tmp_path / "bad", "--quantize", "int8", *bad)
+        assert refused.exit_code == 1 and "Traceback" not in refused.output
+
+
 def test_tied_embedding_is_stored_once_and_shared(exports):
     """embed.onnx and head.onnx read one embeddings.bin (ONNX external data): the runtime maps it
     once instead of holding the largest matrix twice."""

@@ -26,7 +26,7 @@ from skipdeploy.cli import main
 from skipdeploy.engines import create_engine
 from skipdeploy.engines.onnxruntime_engine import OnnxRuntimeEngine
 from skipdeploy.engines.ortvalue_engine import OrtValueEngine, cuda_provider_usable
-from skipdeploy.engines.tensorrt_build import (ENGINES_DIR, METADATA, PAST_PAD, Profile, engine_key,
+from skipdeploy.engines.tensorrt_build import (ENGINES_DIR, METADATA, PAST_PAD, Profile, engine_key, graph_digest,
                                                find_engines)
 from skipdeploy.engines.torch_engine import TorchEngine
 from skipdeploy.errors import BackendError, NumericalError
@@ -220,7 +220,7 @@ def _fake_entry(manifest, identity, trt_version, profile):
     for name, onnx_file in names + [("head", "head.onnx")]:
         (entry / f"{name}.plan").write_bytes(name.encode())
         plans[name] = {"file": f"{name}.plan", "onnx": onnx_file,
-                       "onnx_sha256": manifest.files[onnx_file]["sha256"], **describe_file(entry / f"{name}.plan")}
+                       "onnx_sha256": graph_digest(manifest, manifest.directory / onnx_file), **describe_file(entry / f"{name}.plan")}
     meta = {"format": 1, **identity, "tensorrt": trt_version, "dtype": manifest.dtype,
             "profile": profile.__dict__, "plans": plans, "created": "2026-01-01T00:00:00+00:00"}
     (entry / METADATA).write_text(json.dumps(meta))
@@ -247,6 +247,22 @@ def test_engine_cache_is_keyed_by_gpu_and_tensorrt_version(exports, tmp_path):
     meta["plans"]["layer_02"]["onnx_sha256"] = "0" * 64
     (entry / METADATA).write_text(json.dumps(meta))
     with pytest.raises(BackendError, match=r"other ONNX graphs \(layer_02.onnx differs\).*--force"):
+        find_engines(manifest, h100, "10.8.0")
+
+
+def test_engine_cache_notices_new_weights_in_shared_data_files(exports, tmp_path):
+    """The embed and head graphs keep their weights in embeddings.bin: a manifest whose data file
+    changed (a re-export with other weights) must not reuse engines built from the old one."""
+    copy = tmp_path / "export"
+    shutil.copytree(exports["tiny"], copy)
+    manifest = read_manifest(copy)
+    assert manifest.graphs["head"].get("data"), "the export should share its embedding in a data file"
+    h100 = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    _fake_entry(manifest, h100, "10.8.0", Profile.for_manifest(manifest))
+    find_engines(manifest, h100, "10.8.0")
+    data_file = manifest.graphs["head"]["data"][0]
+    manifest.files[data_file] = {**manifest.files[data_file], "sha256": "f" * 64}
+    with pytest.raises(BackendError, match=r"other ONNX graphs \((embed|head).onnx or embeddings.bin differs\)"):
         find_engines(manifest, h100, "10.8.0")
 
 
@@ -437,3 +453,25 @@ def test_tensorrt_prompt_beyond_profile_is_one_line(trt_export):
     rt = skipdeploy.load(trt_export, backend="tensorrt")
     with pytest.raises(BackendError, match="does not fit the TensorRT engines' profile.*--max-prompt"):
         rt.generate([[2] * 20], 2)
+
+
+# -- the GPU check script, smoke-tested on the CPU (a GPU session gets one try at it) ------------------------
+def test_gpu_check_script_parses_and_its_benchmark_runs_on_cpu(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    assert subprocess.run(["bash", "-n", str(root / "tools" / "gpu_check.sh")]).returncode == 0
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(root / "tools" / "gpu_bench.py"), "--device", "cpu", "--shape", "tiny", "--batches", "1,2",
+         "--new-tokens", "6", "--prompt", "4", "--repeats", "1", "--workdir", str(tmp_path / "work"), "--json", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    contenders = {(r["batch"], r["backend"], r["schedule"]) for r in rows}
+    for batch in (1, 2):
+        assert {(batch, "hf", "full"), (batch, "torch-static", "full"), (batch, "torch-static", "2x")} <= contenders
+    assert all(r["ms_per_token"] > 0 for r in rows)

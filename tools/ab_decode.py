@@ -7,6 +7,9 @@ ms/token of each side, the median of the per-round ratios, and each worker's pea
 memory (VmHWM) after loading and after generating.
 
     python tools/ab_decode.py --a /tmp/base:/tmp/opt125-base --b .:/tmp/opt125-sd --batch 1 --rounds 7
+
+``--env-b NAME=VALUE`` (repeatable) sets environment variables for side b only, to A/B a knob
+with one tree: ``--a .:X --b .:X --env-b GLIBC_TUNABLES=glibc.malloc.hugetlb=1``.
 """
 
 from __future__ import annotations
@@ -49,10 +52,10 @@ for line in sys.stdin:
 """
 
 
-def start(spec: str, args) -> subprocess.Popen:
+def start(spec: str, args, extra_env: list[str]) -> subprocess.Popen:
     path, _, directory = spec.partition(":")
     path = os.path.abspath(path)
-    env = {**os.environ, "PYTHONPATH": path}
+    env = {**os.environ, "PYTHONPATH": path, **dict(item.split("=", 1) for item in extra_env)}
     # cwd = the tree: `python -c` puts the working directory first on sys.path.
     proc = subprocess.Popen([sys.executable, "-c", WORKER, os.path.abspath(directory), str(args.batch),
                              str(args.prompt_length), str(args.new_tokens), str(args.threads), str(args.layers)],
@@ -71,8 +74,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--layers", type=int, default=1 << 30, help="run this many top layers (default: all)")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--env-a", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--env-b", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args()
-    workers = {"a": start(args.a, args), "b": start(args.b, args)}
+    workers = {"a": start(args.a, args, args.env_a), "b": start(args.b, args, args.env_b)}
     times: dict[str, list[float]] = {"a": [], "b": []}
     hwm = {}
     for r in range(args.rounds + 1):  # round 0 warms up

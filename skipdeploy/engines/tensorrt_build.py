@@ -144,9 +144,14 @@ def _graphs(manifest: Manifest) -> list[tuple[str, str, Path]]:
     return jobs
 
 
-def _onnx_sha(manifest: Manifest, path: Path) -> str:
-    info = manifest.files.get(path.name)
-    return info["sha256"] if info else sha256_file(path)
+def graph_digest(manifest: Manifest, path: Path) -> str:
+    """sha256 of the graph, folded with its external data files' when it has any (the shared
+    ``embeddings.bin``): new weights in either must invalidate the engine."""
+    shas = []
+    for name in manifest.graph_files(path):
+        info = manifest.files.get(name)
+        shas.append(info["sha256"] if info else sha256_file(manifest.directory / name))
+    return shas[0] if len(shas) == 1 else hashlib.sha256("".join(shas).encode()).hexdigest()
 
 
 # -- finding engines --------------------------------------------------------------------------------
@@ -195,9 +200,10 @@ def find_engines(manifest: Manifest, identity: dict, trt_version: str, verify: b
     chosen = max(matching, key=lambda e: e.metadata.get("created", ""))
     for name, kind, path in _graphs(manifest):
         plan = chosen.metadata.get("plans", {}).get(name)
-        if plan is None or plan.get("onnx_sha256") != _onnx_sha(manifest, path):
+        if plan is None or plan.get("onnx_sha256") != graph_digest(manifest, path):
+            changed = " or ".join(manifest.graph_files(path))
             raise BackendError(f"the TensorRT engines in {chosen.directory} were built from other ONNX graphs "
-                               f"({path.name} differs): rebuild them with `{rebuild} --force`")
+                               f"({changed} differs): rebuild them with `{rebuild} --force`")
         plan_path = chosen.directory / plan["file"]
         if not plan_path.is_file() or (verify and sha256_file(plan_path) != plan.get("sha256")):
             raise BackendError(f"{plan_path} is missing or does not match {METADATA}: rebuild the engines with "
@@ -302,7 +308,7 @@ def _build_all(trt, manifest: Manifest, profile: Profile, identity: dict, out: P
         plan_file = f"{name}.plan"
         with open(out / plan_file, "wb") as fh:
             fh.write(serialized)
-        plans[name] = {"file": plan_file, "onnx": path.name, "onnx_sha256": _onnx_sha(manifest, path),
+        plans[name] = {"file": plan_file, "onnx": path.name, "onnx_sha256": graph_digest(manifest, path),
                        "sha256": sha256_file(out / plan_file), "size": (out / plan_file).stat().st_size,
                        "profiles": len(profile.shapes(kind, manifest.model))}
         log(f"built {plan_file} in {time.perf_counter() - start:.1f} s")

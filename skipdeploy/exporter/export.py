@@ -35,7 +35,7 @@ SHARED_EMBEDDINGS = "embeddings.bin"
 def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",
            opset: int = DEFAULT_OPSET, schedule: LayerSchedule | Callable[[int], LayerSchedule] | None = None,
            max_length: int | None = None, max_batch: int = 64, force: bool = False, check_graphs: bool = True,
-           tensorrt: bool = False, progress: bool | None = None,
+           tensorrt: bool = False, quantize: str | None = None, progress: bool | None = None,
            log: Callable[[str], None] | None = None) -> Manifest:
     """Export an OPT checkpoint (local directory or hub id) to ``out`` and return its manifest.
 
@@ -43,6 +43,8 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
     its sha256 in ``manifest.json``; an interrupted export leaves at most a hidden temporary
     sibling, never a directory the runtime accepts. ``schedule`` (the export's default) may be a
     function of the number of layers, which is known only once the checkpoint is read.
+    ``quantize="int8"`` writes the int8-weight export (``quantize_export``) of the float32 graphs
+    to ``out`` instead of the float32 export itself.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if dtype not in DTYPES:
@@ -51,6 +53,15 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
         raise ExportError(f"opset must be between {MIN_OPSET} and {MAX_OPSET} (got {opset})")
     if max_batch < 1:
         raise ExportError(f"max batch must be >= 1 (got {max_batch})")
+    if quantize is not None:
+        from .quantize import SCHEMES
+
+        if quantize not in SCHEMES:
+            raise ExportError(f"quantize must be one of {', '.join(SCHEMES)} (got {quantize!r})")
+        if dtype != "float32":
+            raise ExportError(f"int8 quantization starts from float32 graphs (got --dtype {dtype})")
+        if tensorrt:
+            raise ExportError("--quantize int8 is for the CPU; TensorRT engines are built from float exports")
     if tensorrt:
         _require_tensorrt()
     out = Path(out).expanduser()
@@ -107,6 +118,13 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         })
         manifest = read_manifest(tmp, verify=True)
+        if quantize is not None:
+            from .quantize import quantize_export
+
+            manifest = quantize_export(tmp, out, weights=quantize, force=force, progress=progress, log=log,
+                                       record_source=False)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return manifest
         _replace(tmp, out)
     manifest.directory = out
     if tensorrt:  # the export is complete and valid on its own; engines are cache entries beside it

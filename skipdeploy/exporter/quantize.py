@@ -38,9 +38,10 @@ METHOD = "onnxruntime dynamic quantization (DynamicQuantizeLinear + MatMulIntege
 
 def quantize_export(source: str | os.PathLike, out: str | os.PathLike, *, weights: str = "int8",
                     per_channel: bool = True, force: bool = False, progress: bool | None = None,
-                    log: Callable[[str], None] | None = None) -> Manifest:
+                    log: Callable[[str], None] | None = None, record_source: bool = True) -> Manifest:
     """Write an int8-weight copy of the float32 export ``source`` to ``out`` (atomically) and
-    return its manifest."""
+    return its manifest. ``record_source=False`` when ``source`` is transient (``export
+    --quantize``): the manifest then names no float32 export to verify against."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if weights not in SCHEMES:
         raise ExportError(f"weights must be one of {', '.join(SCHEMES)} (got {weights!r})")
@@ -95,7 +96,9 @@ def quantize_export(source: str | os.PathLike, out: str | os.PathLike, *, weight
             "quantization": {
                 "weights": weights, "method": METHOD, "per_channel": per_channel, "graphs": quantized,
                 "max_error_vs_float": errors,
-                "source": str(src.directory), "source_manifest_sha256": describe_file(src.directory / MANIFEST)["sha256"],
+                **({"source": str(src.directory.resolve()),
+                    "source_manifest_sha256": describe_file(src.directory / MANIFEST)["sha256"]}
+                   if record_source else {"source": None}),
             },
             "tools": {**src.tools, "onnxruntime": _ort_version()},
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -105,6 +108,12 @@ def quantize_export(source: str | os.PathLike, out: str | os.PathLike, *, weight
         _replace(tmp, out)
     manifest.directory = out
     return manifest
+
+
+def is_quantized_from(quantized: Manifest, source: Manifest) -> bool:
+    """Whether ``quantized`` was made from ``source`` as it is now (its manifest unchanged)."""
+    recorded = (quantized.quantization or {}).get("source_manifest_sha256")
+    return recorded is not None and recorded == describe_file(source.directory / MANIFEST)["sha256"]
 
 
 @contextlib.contextmanager
@@ -148,4 +157,4 @@ def _graph_error(manifest: Manifest, name: str, reference: Path, quantized: Path
     return float(max(np.max(np.abs(g - w)) / max(1.0, float(np.max(np.abs(w)))) for g, w in zip(got, want)))
 
 
-__all__ = ["quantize_export", "SCHEMES"]
+__all__ = ["quantize_export", "is_quantized_from", "SCHEMES"]
