@@ -616,7 +616,10 @@ def format_table(results: dict[str, Any]) -> str:
                      f"{MEMORY_HEADROOM / 1e6:.0f} MB = {m['budget_bytes'] / 1e6:.0f} MB budget: "
                      f"{'within' if m['within_budget'] else 'OVER'}")
     load = [env.get("load_average_before"), env.get("load_average_after")]
-    if any(v is not None and v > 0.5 * (env.get("cores") or 1) for v in load):
+    cores = env.get("cores") or 1
+    # The benchmark's own threads add up to `threads` to the load average after it.
+    own = [0, env.get("threads") or cores]
+    if any(v is not None and v > base + 0.5 * cores for v, base in zip(load, own)):
         lines.append(f"note: load average {_fmt(load[0], '.1f')} before, {_fmt(load[1], '.1f')} after on "
                      f"{env.get('cores')} cores: other work shared the machine; trust the ratios more than the times")
     return "\n".join(lines)

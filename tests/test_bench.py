@@ -84,6 +84,12 @@ def test_bench_rows_ratios_and_hf_baseline(exports, checkpoints):
     assert results["config"]["hf_baseline"] and results["cost_model"]["head_in_layers"] > 0
     table = format_table(results)
     assert "hf generate" in table and "skip 2x" in table
+    # The load note discounts the benchmark's own threads from the load average after it.
+    env = results["environment"]
+    for before, after, noted in ((0.2, env["threads"] + 0.1, False), (0.2, env["threads"] + env["cores"], True),
+                                 (env["cores"], 0.0, True)):
+        env.update(load_average_before=before, load_average_after=after)
+        assert ("other work shared the machine" in format_table(results)) is noted
 
 
 def test_bench_cli_with_int8_json_plot_and_memory(exports, int8_export, tmp_path):
