@@ -20,6 +20,15 @@ def export(model, out, **kwargs):
     return _export(model, out, **kwargs)
 
 
+def quantize(source, out, **kwargs):
+    """Write an int8-weight copy of a float32 export (see ``skipdeploy.exporter.quantize.quantize_export``)."""
+    try:
+        from .exporter.quantize import quantize_export
+    except ImportError as exc:
+        raise SkipDeployError(f"quantizing needs onnx ({exc}); pip install 'skipdeploy[export]'") from None
+    return quantize_export(source, out, **kwargs)
+
+
 __all__ = ["BackendError", "CapacityError", "CheckpointError", "ExportError", "GenerationConfig", "GenerationResult",
            "InputError", "LayerSchedule", "ManifestError", "NumericalError", "Runtime", "Schedule", "ScheduleError", "SkipDeployError",
-           "TableSchedule", "export", "load", "__version__"]
+           "TableSchedule", "export", "load", "quantize", "__version__"]

@@ -27,8 +27,8 @@ OPT_125M = ModelSpec(num_layers=12, hidden_size=768, num_heads=12, head_dim=64, 
 
 @pytest.fixture(scope="module")
 def int8_export(exports, tmp_path_factory):
-    return quantize_export(exports["tiny"], tmp_path_factory.mktemp("int8") / "tiny-int8", progress=False,
-                           log=lambda m: None).directory
+    return skipdeploy.quantize(exports["tiny"], tmp_path_factory.mktemp("int8") / "tiny-int8", progress=False,
+                              log=lambda m: None).directory
 
 
 def test_cost_model_of_an_opt_125m_shape():
