@@ -347,8 +347,31 @@ def test_torch_cuda_graph_replay_equals_eager_static_steps(exports):
     a, b = _generate(graphs, sched), _generate(eager, sched)
     assert graphs.engine.dtype == torch.float16 and graphs.engine.stats["replays"] == len(a.layers_per_step)
     assert a.tokens == b.tokens
-    for x, y in zip(a.logits, b.logits):
-        assert np.abs(x - y).max() < 1e-3
+    for x, y in zip(a.logits, b.logits):  # fp16 logits: allow a few fp16 steps, not bit-identity
+        assert np.abs(x - y).max() / max(1.0, float(np.abs(y).max())) < 5e-3
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
+@pytest.mark.parametrize("library", ["torch", "cupy"])
+def test_cuda_memory_copies_round_trip(library):
+    """The raw device buffers the TensorRT backend binds: upload, download, device copies and the
+    strided row gather, with each library that can provide them."""
+    if library == "cupy":
+        pytest.importorskip("cupy", reason="CuPy is not installed here")
+    from skipdeploy.engines.cuda_memory import CudaMemory
+
+    memory = CudaMemory(0, prefer=library)
+    a = np.arange(4096, dtype=np.float16).reshape(8, 512)
+    buf = memory.alloc(a.nbytes, zero=True)
+    memory.upload(buf, a)
+    assert np.array_equal(memory.download(np.empty_like(a), buf), a)
+    dst = memory.alloc(a.nbytes)
+    memory.copy(dst, 0, buf, 0, a.nbytes)
+    assert np.array_equal(memory.download(np.empty_like(a), dst), a)
+    rows = memory.alloc(32)
+    memory.copy_rows(rows, buf, 20, 4, 1024, 8)  # columns 10 and 11 of every row
+    memory.synchronize()
+    assert np.array_equal(memory.download(np.empty((8, 2), np.float16), rows), a[:, 10:12])
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 START = time.perf_counter()
+CHECK_TOLERANCE = 5e-2  # relative to max(1, |logits|); fp16 against fp16 transformers measures ~1e-3
 
 
 def log(msg: str) -> None:
@@ -78,7 +79,10 @@ def main() -> int:
                           max_batch=max(batches), force=True, progress=False, log=log)
     log(f"{dtype} export in {export_dir}")
 
-    L = skipdeploy.load(export_dir, verify=False).spec.num_layers
+    from skipdeploy.manifest import read_manifest
+
+    spec = read_manifest(export_dir, verify=False).model  # loading a runtime just for this took 18 s
+    L, vocab = spec.num_layers, spec.vocab_size
     schedules = {"full": Schedule.full(L)}
     for k in (2.0, 3.0):
         try:
@@ -89,7 +93,6 @@ def main() -> int:
         log(f"schedule {name}: {s.describe()}; ideal {s.ideal_speedup(N):.2f}x over {N} steps")
 
     rng = np.random.default_rng(0)
-    vocab = skipdeploy.load(export_dir, verify=False).spec.vocab_size
     prompts = {b: [[2, *rng.integers(4, vocab, P - 1).tolist()] for _ in range(b)] for b in batches}
 
     contenders: list[tuple[str, str, callable]] = []  # (backend, schedule, fn(batch) -> seconds)
@@ -163,15 +166,37 @@ def main() -> int:
     except skipdeploy.SkipDeployError as exc:
         log(f"TensorRT: skipped ({exc})")
 
-    # Correctness on the GPU: first-token logits of skipdeploy (full) against transformers.
+    # Correctness on the GPU, at this shape: first-token logits of every backend against
+    # transformers (the prefill), then the decode path (CUDA-graph replay) against the eager
+    # backend step by step while their tokens agree. A failure makes the exit status 1.
+    failed = []
     with torch.no_grad():
         ids = torch.tensor(prompts[batches[0]], device=args.device)
         want = hf(ids).logits[:, -1].float().cpu().numpy()
     for backend, rt in runtimes.items():
         got = rt.generate(prompts[batches[0]], 1, schedules["full"], output_logits=True, eos_token_id=None).logits[0]
         scale = max(1.0, float(np.abs(want).max()))
-        log(f"check {backend}: first-token logits vs transformers {dtype}: max abs diff {np.abs(got - want).max():.3e} "
-            f"(scale {scale:.2f}), argmax agree {float(np.mean(got.argmax(-1) == want.argmax(-1))):.2f}")
+        error = float(np.abs(got - want).max()) / scale
+        log(f"check {backend}: first-token logits vs transformers {dtype}: max error {error:.3e} of scale {scale:.2f}, "
+            f"argmax agree {float(np.mean(got.argmax(-1) == want.argmax(-1))):.2f}")
+        if error > CHECK_TOLERANCE:
+            failed.append(f"{backend} prefill")
+    if main_backend != "torch-eager":
+        steps = min(16, N)
+        a = runtimes[main_backend].generate(prompts[batches[0]], steps, schedules["full"], output_logits=True,
+                                            eos_token_id=None)
+        b = runtimes["torch-eager"].generate(prompts[batches[0]], steps, schedules["full"], output_logits=True,
+                                             eos_token_id=None)
+        worst, compared = 0.0, 0
+        for step in range(steps):
+            same_so_far = all(ra[:step] == rb[:step] for ra, rb in zip(a.tokens, b.tokens))
+            if not same_so_far:
+                break
+            scale = max(1.0, float(np.abs(b.logits[step]).max()))
+            worst, compared = max(worst, float(np.abs(a.logits[step] - b.logits[step]).max()) / scale), step + 1
+        log(f"check {main_backend} decode vs torch-eager: max logits error {worst:.3e} over {compared} steps")
+        if worst > CHECK_TOLERANCE:
+            failed.append(f"{main_backend} decode")
 
     # Warm-up (captures CUDA graphs), then alternate contenders within each repeat.
     times: dict[tuple[str, str, int], list[float]] = {}
@@ -218,6 +243,9 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({"gpu": gpu, "shape": args.shape, "prompt": P, "new_tokens": N,
                                          "rows": rows}, indent=2))
+    if failed:
+        log(f"FAILED correctness checks (error above {CHECK_TOLERANCE:g} of the logits' scale): {', '.join(failed)}")
+        return 1
     log("done")
     return 0
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check: the GPU tests, then the GPU benchmark (tools/gpu_bench.py), in at most ~8 minutes on an
+# GPU check: the GPU tests, then the GPU benchmark (tools/gpu_bench.py), in about 7 minutes at most on an
 # H100/H200-class GPU. Installs nothing: runs skipdeploy from this source tree (PYTHONPATH), with
 # whatever python is on PATH (or $PYTHON). Needs torch with CUDA, transformers, onnx, onnxruntime,
 # numpy, click, tokenizers; pytest for the test step (skipped with a message when absent);
@@ -16,6 +16,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/skipdeploy-gpu-work.XXXXXX")  # checkpoint + e
 trap 'rm -rf "$WORK"' EXIT
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1  # a run cut off at its time limit still shows how far it got
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
 status=0
@@ -48,7 +49,7 @@ if "$PY" -c "import pytest" 2>/dev/null; then
     rc=${PIPESTATUS[0]}
     [ "$rc" -ne 0 ] && status=1 && echo "tests/test_gpu.py: FAILED (exit $rc)"
     ignore=()
-    "$PY" -c "import hypothesis" 2>/dev/null || ignore=(--ignore=tests/test_properties.py)
+    "$PY" -c "import hypothesis" 2>/dev/null || ignore=(--ignore=tests/test_properties.py --ignore=tests/test_schedule.py)
     if [ "$(elapsed)" -lt 120 ]; then
         timeout 150 "$PY" -m pytest -q -p no:cacheprovider -x "${ignore[@]}" --ignore=tests/test_gpu.py tests \
             2>&1 | tail -n 15 | tee "$OUT/test_rest.log"
@@ -62,7 +63,7 @@ else
 fi
 
 echo "== benchmark ($(elapsed) s)"
-left=$(( 470 - $(elapsed) ))
+left=$(( 400 - $(elapsed) ))  # the whole script stays under ~7 minutes
 [ "$left" -lt 150 ] && left=150
 budget=$(( left - 110 ))
 timeout "$left" "$PY" tools/gpu_bench.py --json "$OUT/bench.json" --budget "$budget" --workdir "$WORK" \

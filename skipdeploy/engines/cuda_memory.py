@@ -146,7 +146,8 @@ class _CupyImpl:
         self.stream_handle = int(self._stream.ptr)
 
     def alloc(self, nbytes: int, zero: bool) -> DeviceBuffer:
-        memory = self.cupy.cuda.alloc(nbytes)
+        with self._stream:  # CuPy's pool hands out blocks per stream: ours, where the work runs
+            memory = self.cupy.cuda.alloc(nbytes)
         if zero:
             memory.memset_async(0, nbytes, self._stream)
         return DeviceBuffer(memory, memory.ptr, nbytes)

@@ -296,7 +296,8 @@ def _build_all(trt, manifest: Manifest, profile: Profile, identity: dict, out: P
         if timing_cache is None:
             data = timing_path.read_bytes() if timing_path.is_file() else b""
             timing_cache = config.create_timing_cache(data)
-        config.set_timing_cache(timing_cache, False)
+        if not config.set_timing_cache(timing_cache, False):
+            raise BackendError(f"TensorRT refused the timing cache {timing_path}; delete it and build again")
         for shapes in profile.shapes(kind, manifest.model):
             opt_profile = builder.create_optimization_profile()
             for tensor, (lo, opt, hi) in shapes.items():

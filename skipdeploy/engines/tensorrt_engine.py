@@ -79,9 +79,12 @@ class _Graph:
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.dtypes = {n: _np_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
         profiles = range(engine.num_optimization_profiles)
-        self.memory_sizes = [int(engine.get_device_memory_size_for_profile_v2(p))
-                             if hasattr(engine, "get_device_memory_size_for_profile_v2")
-                             else int(engine.device_memory_size_v2) for p in profiles]
+        # The _v2 sizes exist from TensorRT 10.1; 10.0 has the engine-wide device_memory_size.
+        if hasattr(engine, "get_device_memory_size_for_profile_v2"):
+            self.memory_sizes = [int(engine.get_device_memory_size_for_profile_v2(p)) for p in profiles]
+        else:
+            size = getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size
+            self.memory_sizes = [int(size) for _ in profiles]
         self.profile_shapes = [{n: engine.get_tensor_profile_shape(n, p) for n in self.inputs} for p in profiles]
         self.contexts = []
 
@@ -97,7 +100,8 @@ class _Graph:
                 setter(scratch.ptr, scratch.nbytes)
             else:  # TensorRT 10.0
                 context.device_memory = scratch.ptr
-            context.set_optimization_profile_async(profile, stream)
+            if not context.set_optimization_profile_async(profile, stream):
+                raise BackendError(f"TensorRT refused optimization profile {profile} for {self.name}")
             self.contexts.append(context)
 
     def fits(self, profile: int, shapes: dict[str, tuple]) -> str | None:

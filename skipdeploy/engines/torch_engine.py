@@ -177,15 +177,14 @@ class TorchEngine(Engine):
             pool.bias = torch.zeros((batch, width), dtype=torch.float32, device=self.device)
             pool.arange = torch.arange(width, device=self.device)
             if self.device.type == "cuda":
-                pool.host_bias = torch.zeros((batch, width), dtype=torch.float32, pin_memory=True)
+                pool.host_bias = _host_zeros((batch, width), torch.float32)
             grown = True
         if pool.ints is None:
             pool.ints = torch.zeros(2 * batch + 1, dtype=torch.long, device=self.device)
             pool.logits = torch.zeros((batch, self.spec.vocab_size), dtype=torch.float32, device=self.device)
             if self.device.type == "cuda":
-                pool.host_ints = torch.zeros(2 * batch + 1, dtype=torch.long, pin_memory=True)
-                pool.host_logits = torch.zeros((batch, self.spec.vocab_size), dtype=torch.float32,
-                                               pin_memory=True)
+                pool.host_ints = _host_zeros((2 * batch + 1,), torch.long)
+                pool.host_logits = _host_zeros((batch, self.spec.vocab_size), torch.float32)
         if grown:
             pool.graphs.clear()
         return pool
@@ -383,11 +382,21 @@ class TorchEngine(Engine):
     def available_memory(self) -> int | None:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free) + self.pooled_bytes()  # pooled buffers are reused, not added to
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            return int(free) + int(cached) + self.pooled_bytes()  # pooled buffers are reused, not added to
         return super().available_memory()
 
     def close(self) -> None:
         self._pools.clear()
+
+
+def _host_zeros(shape: tuple, dtype) -> "torch.Tensor":
+    """Pinned host memory (asynchronous copies) where the platform gives it, pageable otherwise
+    (some sandboxed GPU hosts refuse to pin)."""
+    try:
+        return torch.zeros(shape, dtype=dtype, pin_memory=True)
+    except RuntimeError:
+        return torch.zeros(shape, dtype=dtype)
 
 
 def _round_up(n: int, step: int) -> int:
