@@ -151,6 +151,38 @@ def test_finetune_stores_schedule_resumes_and_export_uses_it(tmp_path, text_dir)
     assert bad.exit_code == 1 and "other settings" in bad.output
 
 
+def _with_vocab_and_merges_only(ckpt):
+    """The tokenizer files of the original OPT checkpoints: vocab.json + merges.txt, no tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    Tokenizer.from_file(str(ckpt / "tokenizer.json")).model.save(str(ckpt))
+    (ckpt / "tokenizer.json").unlink()
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "bos_token": "</s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": "<pad>", "add_prefix_space": False}))
+    return ckpt
+
+
+def test_finetune_and_export_convert_a_vocab_and_merges_tokenizer(tmp_path, text_dir):
+    ckpt = _with_vocab_and_merges_only(make_checkpoint(tmp_path / "ckpt", "tiny", seed=4, tokenizer=True))
+    reference = data_mod.load_tokenizer(make_checkpoint(tmp_path / "same", "tiny", seed=4, tokenizer=True))
+    out = CliRunner().invoke(main, ["finetune", str(ckpt), "--data", str(text_dir), "--out", str(tmp_path / "ft"),
+                                    "--steps", "1", "--seq-len", "32", "--batch-size", "2"])
+    assert out.exit_code == 0, out.output
+    converted = data_mod.load_tokenizer(tmp_path / "ft")  # written by finetune for the export to find
+    text = CODE[:200]
+    assert converted.encode(text, add_special_tokens=False).ids == reference.encode(text, add_special_tokens=False).ids
+    for source in (ckpt, tmp_path / "ft"):
+        manifest = skipdeploy.export(source, tmp_path / f"export-{source.name}", progress=False, log=lambda m: None)
+        assert manifest.tokenizer_path is not None
+        result = skipdeploy.load(manifest.directory).generate_text(["def add("], 3)
+        assert isinstance(result.text[0], str) and 1 <= len(result.tokens[0]) <= 3
+    bare = make_checkpoint(tmp_path / "bare", "tiny", seed=4, tokenizer=False)
+    refused = CliRunner().invoke(main, ["finetune", str(bare), "--data", str(text_dir), "--out", str(tmp_path / "x"),
+                                        "--steps", "1", "--seq-len", "32"])
+    assert refused.exit_code == 1 and "has no tokenizer" in refused.output
+
+
 def test_eval_json(exports, text_dir):
     args = ["eval", str(exports["tiny"]), "--data", str(text_dir), "--target-speedup", "1,2", "--seq-len", "32",
             "--chunks", "3", "--prompts", "2", "--new-tokens", "6", "--decay-tokens", "8", "--json"]

@@ -53,6 +53,29 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+TOKENIZER_SOURCES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+
+
+def fast_tokenizer(source: str | os.PathLike):
+    """The checkpoint's tokenizer as a ``tokenizers.Tokenizer``, the form the runtime reads
+    (transformers builds it from ``vocab.json`` + ``merges.txt`` when there is no
+    ``tokenizer.json``, as in the original OPT checkpoints), or None when a local checkpoint has
+    no tokenizer files. Raises CheckpointError when they cannot be read."""
+    local = Path(str(source)).expanduser()
+    if local.exists() and not any((local / name).is_file() for name in TOKENIZER_SOURCES):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else str(source))
+    except Exception as exc:  # transformers raises many types for a broken or absent tokenizer
+        raise CheckpointError(f"cannot read the checkpoint's tokenizer ({_first_line(exc)})") from None
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise CheckpointError("the checkpoint's tokenizer has no fast (tokenizers) version")
+    return backend
+
+
 def model_spec(config: Any, source: str) -> ModelSpec:
     model_type = getattr(config, "model_type", None)
     if model_type != "opt":

@@ -15,7 +15,7 @@ import onnx
 from onnx import external_data_helper
 
 from .. import __version__
-from ..errors import BackendError, ExportError, SkipDeployError
+from ..errors import BackendError, CheckpointError, ExportError, SkipDeployError
 from ..manifest import (EMBED_IO, FORMAT_VERSION, HEAD_IO, KV_CONTRACT, KV_LAYOUT, LAYER_IO, Manifest,
                         describe_file, model_spec_dict, read_manifest, write_manifest)
 from ..schedule import LayerSchedule, Schedule
@@ -268,27 +268,17 @@ def _save(proto: onnx.ModelProto, path: Path) -> None:
         onnx.save_model(proto, str(path))
 
 
-TOKENIZER_SOURCES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
-
-
 def _copy_tokenizer(model: str | os.PathLike, tmp: Path, log: Callable[[str], None]) -> str | None:
-    """Write ``tokenizer.json`` (what the runtime's ``tokenizers`` reads) when the checkpoint has one."""
-    local = Path(str(model)).expanduser()
-    if local.exists() and not any((local / name).is_file() for name in TOKENIZER_SOURCES):
+    """Write ``tokenizer.json`` (what the runtime's ``tokenizers`` reads) when the checkpoint has a tokenizer."""
+    try:
+        tok = checkpoint.fast_tokenizer(model)
+    except CheckpointError as exc:  # a broken or absent tokenizer must not fail the export
+        log(f"{exc}: generate with --input-ids")
+        return None
+    if tok is None:
         log("the checkpoint has no tokenizer: generate with --input-ids")
         return None
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else str(model))
-    except Exception as exc:  # a broken or absent tokenizer must not fail the export
-        log(f"cannot read the checkpoint's tokenizer ({checkpoint._first_line(exc)}): generate with --input-ids")
-        return None
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None:
-        log("the checkpoint's tokenizer has no fast (tokenizers) version: generate with --input-ids")
-        return None
-    backend.save(str(tmp / TOKENIZER_FILE))
+    tok.save(str(tmp / TOKENIZER_FILE))
     return TOKENIZER_FILE
 
 

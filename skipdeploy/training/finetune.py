@@ -134,7 +134,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool | None = None, log: Callable
         raise InputError(f"--seq-len {cfg.seq_len} exceeds the model's {spec.max_positions} positions")
     model = OPTForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa")
     tokenizer_dir = Path(str(cfg.model)).expanduser()
-    tokenizer = data_mod.load_tokenizer(out if state is not None else tokenizer_dir)
+    tokenizer = data_mod.load_tokenizer(out) if state is not None else _source_tokenizer(cfg.model)
     bos = spec.bos_token_id if spec.bos_token_id is not None else 2
     t0 = time.perf_counter()
     train = data_mod.load_chunks(cfg.data, tokenizer, cfg.seq_len, bos)
@@ -156,6 +156,8 @@ def finetune(cfg: FinetuneConfig, *, progress: bool | None = None, log: Callable
         torch.manual_seed(cfg.seed)
         out.mkdir(parents=True, exist_ok=True)
         _copy_tokenizer(tokenizer_dir, out)
+        if not (out / "tokenizer.json").is_file():  # converted from vocab.json + merges.txt, or a hub id's
+            tokenizer.save(str(out / "tokenizer.json"))
 
     def save(step: int) -> None:
         info = {"schedule": schedules[0].to_dict(), "schedules": [s.to_dict() for s in schedules],
@@ -205,6 +207,21 @@ def finetune(cfg: FinetuneConfig, *, progress: bool | None = None, log: Callable
     bar.close()
     log(f"fine-tuned {cfg.steps} steps (last loss {ema:.3f}) -> {out}")
     return out
+
+
+def _source_tokenizer(model: str):
+    """The checkpoint's ``tokenizer.json`` read as is, else the tokenizer transformers builds from
+    its ``vocab.json`` + ``merges.txt`` (the original OPT checkpoints have no tokenizer.json)."""
+    from ..exporter.checkpoint import fast_tokenizer
+
+    local = Path(str(model)).expanduser()
+    if (local / "tokenizer.json").is_file():
+        return data_mod.load_tokenizer(local)
+    tokenizer = fast_tokenizer(model)
+    if tokenizer is None:
+        raise InputError(f"{model} has no tokenizer: training on text needs the model's tokenizer "
+                         "(tokenizer.json, or vocab.json and merges.txt)")
+    return tokenizer
 
 
 def _copy_tokenizer(source: Path, out: Path) -> None:
