@@ -119,6 +119,23 @@ def test_cache_buffers_are_written_in_place(runtimes, hf_models):
     assert np.isfinite(cache.keys[0][T]).all() and np.isnan(cache.keys[0][T + 1:]).all()
 
 
+def test_public_iobinding_fallback_gives_the_same_results(exports):
+    """The pointer binding calls onnxruntime's C-level binding; where those internals are missing it
+    uses the public IOBinding API, with identical results."""
+    import skipdeploy
+
+    runtime = skipdeploy.load(exports["tiny"])
+    bindings = [runtime.engine._embed_io, *runtime.engine._layer_io, runtime.engine._head_io]
+    assert all(b._fast for b in bindings)  # onnxruntime 1.32 has them
+    sched = Schedule(4, 3, 1, decay_tokens=5, warmup_layers=1)
+    fast = runtime.generate(PROMPTS, 6, sched, output_logits=True, eos_token_id=None)
+    for b in bindings:
+        b._fast = False
+    public = runtime.generate(PROMPTS, 6, sched, output_logits=True, eos_token_id=None)
+    assert public.tokens == fast.tokens
+    assert all(np.array_equal(a, b) for a, b in zip(public.logits, fast.logits))
+
+
 def test_capacities_follow_the_schedule():
     s = Schedule(4, max_layers=2, min_layers=1, decay_tokens=2, warmup_layers=1)
     # top = 2, 2 (2 - 1/2 rounds half up), 1, 1: steps 0..3 run {0,2,3} twice, then {0,3};
