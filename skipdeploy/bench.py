@@ -426,7 +426,7 @@ def run_bench(directory: str | os.PathLike, *, batch_sizes: Sequence[int] = (1, 
     try:
         _measure(contenders, batch_sizes, prompt_length, new_tokens, spec.vocab_size, repeats, warmup, seed, progress,
                  between_rounds=sample_bandwidth if probe else None)
-        del probe  # frees its 256 MiB before the memory probes
+        probe = None  # frees its 256 MiB before the memory probes
         mem = {}
         if memory:
             for label, path in [("float32", manifest.directory)] + ([("int8", int8_dir)] if int8_dir else []):
