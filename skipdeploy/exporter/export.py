@@ -47,23 +47,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
     to ``out`` instead of the float32 export itself.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if dtype not in DTYPES:
-        raise ExportError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"opset must be between {MIN_OPSET} and {MAX_OPSET} (got {opset})")
-    if max_batch < 1:
-        raise ExportError(f"max batch must be >= 1 (got {max_batch})")
-    if quantize is not None:
-        from .quantize import SCHEMES
-
-        if quantize not in SCHEMES:
-            raise ExportError(f"quantize must be one of {', '.join(SCHEMES)} (got {quantize!r})")
-        if dtype != "float32":
-            raise ExportError(f"int8 quantization starts from float32 graphs (got --dtype {dtype})")
-        if tensorrt:
-            raise ExportError("--quantize int8 is for the CPU; TensorRT engines are built from float exports")
-    if tensorrt:
-        _require_tensorrt()
+    _check_options(dtype, opset, max_batch, quantize, tensorrt)
     out = Path(out).expanduser()
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force (force=True) to replace it")
@@ -74,15 +58,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
     if not 1 <= max_length <= spec.max_positions:
         raise ExportError(f"max length must be between 1 and the model's {spec.max_positions} positions "
                           f"(got {max_length})")
-    if callable(schedule):
-        schedule = schedule(spec.num_layers)
-    # A checkpoint fine-tuned by `skipdeploy finetune` names its schedule in config.json (skipdecode).
-    stored = getattr(hf_model.config, "skipdecode", None)
-    if schedule is None and isinstance(stored, dict) and stored.get("schedule"):
-        schedule = LayerSchedule.from_dict(stored["schedule"])
-    schedule = schedule or Schedule.full(spec.num_layers)
-    if schedule.num_layers != spec.num_layers:
-        raise ExportError(f"the schedule is for {schedule.num_layers} layers, the model has {spec.num_layers}")
+    schedule = _default_schedule(schedule, spec, hf_model)
 
     with staging_directory(out) as tmp:
         data: dict[str, list[str]] = {}  # graph file -> the external data files it reads
@@ -132,6 +108,41 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
 
         build_engines(out, log=log)
     return manifest
+
+
+def _check_options(dtype: str, opset: int, max_batch: int, quantize: str | None, tensorrt: bool) -> None:
+    """Refuse bad options before the (slow) checkpoint load."""
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset must be between {MIN_OPSET} and {MAX_OPSET} (got {opset})")
+    if max_batch < 1:
+        raise ExportError(f"max batch must be >= 1 (got {max_batch})")
+    if quantize is not None:
+        from .quantize import SCHEMES
+
+        if quantize not in SCHEMES:
+            raise ExportError(f"quantize must be one of {', '.join(SCHEMES)} (got {quantize!r})")
+        if dtype != "float32":
+            raise ExportError(f"int8 quantization starts from float32 graphs (got --dtype {dtype})")
+        if tensorrt:
+            raise ExportError("--quantize int8 is for the CPU; TensorRT engines are built from float exports")
+    if tensorrt:
+        _require_tensorrt()
+
+
+def _default_schedule(schedule, spec, hf_model) -> LayerSchedule:
+    """The export's default schedule: the one passed (or made from the layer count), else the one a
+    `skipdeploy finetune` checkpoint names in config.json (``skipdecode``), else full."""
+    if callable(schedule):
+        schedule = schedule(spec.num_layers)
+    stored = getattr(hf_model.config, "skipdecode", None)
+    if schedule is None and isinstance(stored, dict) and stored.get("schedule"):
+        schedule = LayerSchedule.from_dict(stored["schedule"])
+    schedule = schedule or Schedule.full(spec.num_layers)
+    if schedule.num_layers != spec.num_layers:
+        raise ExportError(f"the schedule is for {schedule.num_layers} layers, the model has {spec.num_layers}")
+    return schedule
 
 
 @contextlib.contextmanager
