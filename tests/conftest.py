@@ -83,6 +83,15 @@ def comparable_prefix(reference_logits, row, min_gap=1e-3):
     return len(reference_logits)
 
 
+def run_cli(*args):
+    """The command line in this process, as a user types it (every argument as a string)."""
+    from click.testing import CliRunner
+
+    from skipdeploy.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
 def edited_export(export, out, graph, initializer, edit):
     """A copy of ``export`` whose ``graph`` has ``initializer`` replaced by ``edit(array)``, with the
     manifest's sha256 updated: a consistent export whose numbers are wrong."""

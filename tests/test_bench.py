@@ -18,7 +18,7 @@ from skipdeploy.errors import BackendError, ExportError, InputError
 from skipdeploy.exporter.quantize import quantize_export
 from skipdeploy.manifest import ModelSpec, read_manifest
 
-from .conftest import PROMPTS
+from .conftest import PROMPTS, run_cli
 
 OPT_125M = ModelSpec(num_layers=12, hidden_size=768, num_heads=12, head_dim=64, ffn_dim=3072, vocab_size=50272,
                      max_positions=2048, word_embed_proj_dim=768, layer_norm="pre", activation="relu",
@@ -148,25 +148,21 @@ def test_int8_export_runs_on_onnxruntime_and_is_recorded(exports, int8_export):
         quantize_export(int8_export, int8_export.parent / "again", progress=False, log=lambda m: None)
 
 
-def _cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
 def test_quantize_command_inspect_and_verify_against_the_float_export(exports, tmp_path):
     out = tmp_path / "int8"
-    result = _cli("quantize", exports["tiny"], "--out", out)
+    result = run_cli("quantize", exports["tiny"], "--out", out)
     assert result.exit_code == 0, result.output
     assert "int8 weights" in result.output and read_manifest(out).quantization["source"] == str(exports["tiny"])
-    shown = _cli("inspect", out).output
+    shown = run_cli("inspect", out).output
     assert "int8 in 5 graphs (per channel); max error vs float32" in shown and "before quantization" in shown
-    report = json.loads(_cli("verify", out, "--json").stdout)
+    report = json.loads(run_cli("verify", out, "--json").stdout)
     assert report["ok"], report
     errors = [g["error"] for g in report["graphs"][1:]]  # embed.onnx is copied unchanged
     # Really int8 (far above float32 noise), yet within the int8 tolerance; logits likewise.
     assert all(1e-4 < e <= g["tolerance"] for e, g in zip(errors, report["graphs"][1:]))
     assert all(d["reference"] == "torch backend" and d["tolerance"] == 0.1 for d in report["decode"])
-    assert _cli("quantize", exports["tiny"], "--out", out).exit_code == 1  # exists, no --force
-    again = _cli("quantize", out, "--out", tmp_path / "again")
+    assert run_cli("quantize", exports["tiny"], "--out", out).exit_code == 1  # exists, no --force
+    again = run_cli("quantize", out, "--out", tmp_path / "again")
     assert again.exit_code == 1 and "already quantized" in again.output
 
 
@@ -174,25 +170,25 @@ def test_verify_fails_on_a_perturbed_int8_graph(int8_export, tmp_path):
     from .conftest import edited_export
 
     broken = edited_export(int8_export, tmp_path / "broken", "layer_02.onnx", "fc2.bias", lambda b: b + 1.0)
-    result = _cli("verify", broken)
+    result = run_cli("verify", broken)
     assert result.exit_code == 1 and "verification failed beyond tolerance: layer_02.onnx" in result.output
 
 
 def test_export_quantize_and_its_reference(checkpoints, exports, tmp_path):
     out = tmp_path / "direct-int8"
-    result = _cli("export", checkpoints["tiny"], "--out", out, "--quantize", "int8")
+    result = run_cli("export", checkpoints["tiny"], "--out", out, "--quantize", "int8")
     assert result.exit_code == 0, result.output
     m = read_manifest(out)
     assert m.quantization["weights"] == "int8" and m.quantization["source"] is None
     assert [p.name for p in tmp_path.iterdir()] == ["direct-int8"]  # the float32 staging export is gone
-    missing = _cli("verify", out)
+    missing = run_cli("verify", out)
     assert missing.exit_code == 1 and "--reference DIR, or the checkpoint with --model" in missing.output
-    assert json.loads(_cli("verify", out, "--reference", exports["tiny"], "--json").stdout)["ok"]
-    assert json.loads(_cli("verify", out, "--model", checkpoints["tiny"], "--json").stdout)["ok"]
-    other = _cli("verify", out, "--reference", exports["tiny-post-ln"])
+    assert json.loads(run_cli("verify", out, "--reference", exports["tiny"], "--json").stdout)["ok"]
+    assert json.loads(run_cli("verify", out, "--model", checkpoints["tiny"], "--json").stdout)["ok"]
+    other = run_cli("verify", out, "--reference", exports["tiny-post-ln"])
     assert other.exit_code == 1 and "was not quantized from" in other.output
     for bad in (["--dtype", "float16"], ["--tensorrt"]):
-        refused = _cli("export", checkpoints["tiny"], "--out", tmp_path / "bad", "--quantize", "int8", *bad)
+        refused = run_cli("export", checkpoints["tiny"], "--out", tmp_path / "bad", "--quantize", "int8", *bad)
         assert refused.exit_code == 1 and "Traceback" not in refused.output
 
 

@@ -7,14 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
-
-from skipdeploy.cli import main
 
 
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return result
+from .conftest import run_cli as run
 
 
 def run_process(*args):
