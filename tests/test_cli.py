@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-
 from .conftest import run_cli as run
 
 
