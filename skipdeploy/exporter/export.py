@@ -93,14 +93,14 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
             "source": str(model),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         })
-        manifest = read_manifest(tmp, verify=True)
-        if quantize is not None:
+        if quantize is not None:  # quantize_export reads (and verifies) the staged float32 export itself
             from .quantize import quantize_export
 
             manifest = quantize_export(tmp, out, weights=quantize, force=force, progress=progress, log=log,
                                        record_source=False)
             shutil.rmtree(tmp, ignore_errors=True)
             return manifest
+        manifest = read_manifest(tmp, verify=True)
         _replace(tmp, out)
     manifest.directory = out
     if tensorrt:  # the export is complete and valid on its own; engines are cache entries beside it
