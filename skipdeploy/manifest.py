@@ -48,6 +48,15 @@ class ModelSpec:
     pad_token_id: int | None
     model_type: str = "opt"
 
+    @property
+    def pad_id(self) -> int:
+        """The id fed for padding positions (they are masked, so any valid id works): the pad
+        token, else EOS, else 0."""
+        for value in (self.pad_token_id, self.eos_token_id, 0):
+            if value is not None and 0 <= value < self.vocab_size:
+                return value
+        return 0
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
         try:

@@ -23,12 +23,10 @@ import numpy as np
 
 from .errors import InputError, SkipDeployError
 from .manifest import MANIFEST, Manifest, read_manifest
+from .numerics import GRAPH_TOLERANCE, LOGITS_TOLERANCE, MASK_VALUE, numpy_dtype, relative_error
 from .runtime import load
 from .schedule import Schedule
 
-# Relative to max(1, max |reference|). int8: measured 1-2% per graph, 2-5% on logits.
-GRAPH_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "int8": 5e-2}
-LOGITS_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "int8": 1e-1}
 NEAR_TIE = 1e-3
 
 
@@ -87,8 +85,8 @@ def verify(directory: str | Path, model: str | Path | None = None, backend: str 
     manifest = runtime.manifest
     precision = (manifest.quantization or {}).get("weights", manifest.dtype)
     with _float_reference(manifest, reference, model) as float_directory:
-        return _verify(runtime, backend, load(float_directory, backend="torch", verify=False), precision, model,
-                       max_new_tokens, seed)
+        return _verify(runtime, backend, load(float_directory, backend="torch", check_files=False), precision,
+                       model, max_new_tokens, seed)
 
 
 @contextlib.contextmanager
@@ -129,7 +127,7 @@ def _verify(runtime, backend: str, reference, precision: str, model, max_new_tok
     hf_model = _hf_model(model) if model is not None else None
     tol = GRAPH_TOLERANCE[precision]
     if backend == "tensorrt":  # each engine against onnxruntime running the same ONNX graph
-        report.graphs = _engines_against_onnxruntime(runtime.engine, seed)
+        report.graphs = _engines_against_onnxruntime(runtime.engine, seed, tol)
     elif hf_model is not None and backend == "onnxruntime":
         report.graphs = _graphs_against_transformers(manifest, hf_model, tol, seed)
     else:
@@ -146,7 +144,7 @@ def _verify(runtime, backend: str, reference, precision: str, model, max_new_tok
     for label, sched in schedules:
         got = runtime.generate(prompts, max_new_tokens, sched, output_logits=True, eos_token_id=None)
         if label == "full" and hf_model is not None:
-            want_tokens, want_logits = _hf_generate(hf_model, prompts, max_new_tokens, runtime._pad_id())
+            want_tokens, want_logits = _hf_generate(hf_model, prompts, max_new_tokens, manifest.model.pad_id)
             ref_name = "transformers"
         else:
             want = reference.generate(prompts, max_new_tokens, sched, output_logits=True, eos_token_id=None)
@@ -154,24 +152,6 @@ def _verify(runtime, backend: str, reference, precision: str, model, max_new_tok
         report.decode.append(_compare_decode(label, got, want_tokens, want_logits, LOGITS_TOLERANCE[precision],
                                              ref_name))
     return report
-
-
-def _relative_error(got, want) -> float:
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    return float(np.max(np.abs(got - want)) / max(1.0, float(np.max(np.abs(want)))))
-
-
-def _as_numpy(x) -> np.ndarray:
-    return x.float().cpu().numpy() if hasattr(x, "cpu") else np.asarray(x, np.float32)
-
-
-def _as_engine_hidden(engine, array: np.ndarray):
-    """The same hidden states, in the form ``engine`` takes (numpy, or a torch tensor)."""
-    if engine.name == "torch":
-        import torch
-
-        return torch.from_numpy(array.copy()).to(device=engine.device, dtype=engine.dtype)
-    return np.ascontiguousarray(array.astype(engine.dtype))
 
 
 def _graphs_against_reference(engine, ref, manifest: Manifest, tol: float, seed: int) -> list[Check]:
@@ -182,10 +162,11 @@ def _graphs_against_reference(engine, ref, manifest: Manifest, tol: float, seed:
     ids = rng.integers(0, spec.vocab_size, (B, T1 + T2))
     pos = np.tile(np.arange(T1 + T2), (B, 1))
     checks = []
-    hidden = _as_numpy(ref.embed(ids, pos))
-    checks.append(Check("embed.onnx", _relative_error(_as_numpy(engine.embed(ids, pos)), hidden), tol, "torch backend"))
+    hidden = ref.to_numpy(ref.embed(ids, pos))
+    checks.append(Check("embed.onnx", relative_error(engine.to_numpy(engine.embed(ids, pos)), hidden), tol,
+                        "torch backend"))
     bias = np.zeros((B, T1 + T2), np.float32)
-    bias[1, 0] = -1e9  # row 1 is left-padded by one position
+    bias[1, 0] = MASK_VALUE  # row 1 is left-padded by one position
     cache, ref_cache = engine.allocate([T1 + T2] * spec.num_layers, B), ref.allocate([T1 + T2] * spec.num_layers, B)
     x = hidden
     for layer in range(spec.num_layers):
@@ -193,28 +174,62 @@ def _graphs_against_reference(engine, ref, manifest: Manifest, tol: float, seed:
         for start, stop in ((0, T1), (T1, T1 + T2)):
             chunk = np.ascontiguousarray(x[:, start:stop])
             b = np.ascontiguousarray(bias[:, :stop])
-            got = _as_numpy(engine.layer(layer, _as_engine_hidden(engine, chunk), cache, start, b))
-            want = _as_numpy(ref.layer(layer, _as_engine_hidden(ref, chunk), ref_cache, start, b))
-            errors.append(_relative_error(got, want))
+            got = engine.to_numpy(engine.layer(layer, engine.from_numpy(chunk), cache, start, b))
+            want = ref.to_numpy(ref.layer(layer, ref.from_numpy(chunk), ref_cache, start, b))
+            errors.append(relative_error(got, want))
             outs.append(want)
         for buf, ref_buf in ((cache.keys, ref_cache.keys), (cache.values, ref_cache.values)):
-            errors.append(_relative_error(_as_numpy(buf[layer]), _as_numpy(ref_buf[layer])))
+            errors.append(relative_error(engine.to_numpy(buf[layer]), ref.to_numpy(ref_buf[layer])))
         checks.append(Check(f"layer_{layer:02d}.onnx", max(errors), tol, "torch backend"))
         x = np.concatenate(outs, axis=1)
-    last = _as_engine_hidden(engine, x)
-    checks.append(Check("head.onnx", _relative_error(engine.head(last), ref.head(_as_engine_hidden(ref, x))), tol,
-                        "torch backend"))
+    checks.append(Check("head.onnx", relative_error(engine.head(engine.from_numpy(x)), ref.head(ref.from_numpy(x))),
+                        tol, "torch backend"))
+    engine.release(cache)
+    ref.release(ref_cache)
     return checks
 
 
-def _engines_against_onnxruntime(engine, seed: int) -> list[Check]:
-    from .engines.tensorrt_engine import compare_with_onnxruntime
+def _engines_against_onnxruntime(engine, seed: int, tolerance: float, batch: int = 2) -> list[Check]:
+    """Each graph of ``engine`` (TensorRT) against onnxruntime (CPU) running the same ONNX on the
+    same random inputs: a prefill chunk from an empty cache, then a decode step, through the
+    backend's own binding code (cache slots, the masked past slot). The worst output per graph."""
+    import onnxruntime as ort
 
-    worst: dict[str, dict] = {}
-    for r in compare_with_onnxruntime(engine.manifest.directory, engine=engine, seed=seed):
-        if r["graph"] not in worst or r["error"] > worst[r["graph"]]["error"]:
-            worst[r["graph"]] = r
-    return [Check(f"{g}.onnx", r["error"], r["tolerance"], "onnxruntime") for g, r in worst.items()]
+    manifest = engine.manifest
+    spec, rng = manifest.model, np.random.default_rng(seed)
+    E, T = spec.hidden_size, 3
+    dtype = numpy_dtype(manifest.dtype)
+    sessions = {name: ort.InferenceSession(str(manifest.directory / entry["file"]), providers=["CPUExecutionProvider"])
+                for name, entry in [("embed", manifest.graphs["embed"]), ("head", manifest.graphs["head"])]
+                + [(f"layer_{i:02d}", e) for i, e in enumerate(manifest.graphs["layers"])]}
+
+    def check(graph: str, got: list, want: list) -> Check:
+        return Check(f"{graph}.onnx", max(relative_error(engine.to_numpy(g), w) for g, w in zip(got, want)),
+                     tolerance, "onnxruntime")
+
+    ids = rng.integers(0, spec.vocab_size, (batch, T))
+    pos = np.tile(np.arange(T), (batch, 1))
+    checks = [check("embed", [engine.embed(ids, pos)],
+                    sessions["embed"].run(None, {"input_ids": ids, "position_ids": pos}))]
+    for layer in range(spec.num_layers):
+        name, worst = f"layer_{layer:02d}", None
+        cache = engine.allocate([T + 1] * spec.num_layers, batch)
+        for past, new in ((0, T), (T, 1)):  # a prefill chunk, then a decode step
+            x = (rng.standard_normal((batch, new, E)) * 0.5).astype(np.float32)
+            bias = np.zeros((batch, past + new), np.float32)
+            bias[1, 0] = MASK_VALUE  # row 1 is left-padded by one position
+            out = engine.layer(layer, engine.from_numpy(x), cache, past, bias)
+            keys, values = engine.to_numpy(cache.keys[layer]), engine.to_numpy(cache.values[layer])
+            want = sessions[name].run(None, {"hidden": x.astype(dtype), "past_key": keys[:past].astype(dtype),
+                                             "past_value": values[:past].astype(dtype), "attention_bias": bias})
+            case = check(name, [out, keys[past:past + new], values[past:past + new]], want)
+            worst = case if worst is None or case.error > worst.error else worst
+        engine.release(cache)
+        checks.append(worst)
+    x = (rng.standard_normal((batch, 1, E)) * 0.5).astype(np.float32)
+    checks.append(check("head", [engine.head(engine.from_numpy(x))],
+                        sessions["head"].run(None, {"hidden": np.ascontiguousarray(x[:, -1]).astype(dtype)})))
+    return checks
 
 
 def _graphs_against_transformers(manifest: Manifest, hf_model, tol: float, seed: int) -> list[Check]:
@@ -269,7 +284,7 @@ def _compare_decode(label: str, got, want_tokens, want_logits, tol: float, refer
         for step, want in enumerate(want_tokens[row]):
             top2 = np.sort(want_logits[step][row])[-2:]
             step_error = float(np.max(np.abs(np.asarray(got.logits[step][row], np.float32) - want_logits[step][row])))
-            error = max(error, _relative_error(got.logits[step][row], want_logits[step][row]))
+            error = max(error, relative_error(got.logits[step][row], want_logits[step][row]))
             if top2[1] - top2[0] < max(NEAR_TIE, 2 * step_error):
                 break
             compared += 1

@@ -107,13 +107,35 @@ def test_bad_knobs(runtimes, kwargs, match):
         runtimes["tiny", "onnxruntime"].generate(PROMPTS, **kwargs)
 
 
-def test_a_second_stream_in_the_same_thread_is_refused(runtimes):
-    from skipdeploy.errors import SkipDeployError
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch", "torch-static"])
+def test_two_batches_interleaved_on_one_runtime_get_their_solo_tokens(runtimes, exports, backend):
+    """Caches belong to generators, not engines: two batches (same batch size, different prompts and
+    schedules) stepped alternately from one thread, and a stream left open while another runs to
+    the end, each get exactly the tokens and logits they get alone."""
+    from skipdeploy.engines.torch_engine import TorchEngine
+    from skipdeploy.manifest import read_manifest
+    from skipdeploy.runtime import Runtime
 
-    rt = runtimes["tiny", "onnxruntime"]
-    first = rt.stream(PROMPTS, 4)
+    if backend == "torch-static":
+        manifest = read_manifest(exports["tiny"])
+        rt = Runtime(manifest, TorchEngine(manifest, static_cache=True))
+    else:
+        rt = runtimes["tiny", backend]
+    jobs = [(PROMPTS, Schedule(4, 3, 1, decay_tokens=5)), ([[2, 50, 51], [2, 9], [2, 77, 78, 79]], Schedule.full(4))]
+    knobs = dict(output_logits=True, eos_token_id=None)
+    alone = [rt.generate(p, 8, s, **knobs) for p, s in jobs]
+    gens = [rt.generator(p, 8, s, **knobs) for p, s in jobs]
+    while not all(g.is_done() for g in gens):
+        for g in gens:
+            if not g.is_done():
+                g.generate_next_token()
+    for gen, want in zip(gens, alone):
+        got = gen.result()
+        gen.close()
+        assert got.tokens == want.tokens and got.layers_per_step == want.layers_per_step
+        assert all(np.array_equal(a, b) for a, b in zip(got.logits, want.logits))
+    first = rt.stream(jobs[0][0], 8, jobs[0][1], **knobs)
     next(first)
-    with pytest.raises(SkipDeployError, match="still iterating another stream"):
-        next(rt.stream(PROMPTS, 4))
-    first.close()
-    assert rt.generate(PROMPTS, 2).tokens
+    assert rt.generate(jobs[1][0], 8, jobs[1][1], **knobs).tokens == alone[1].tokens
+    steps = list(first)
+    assert [s.tokens for s in steps] == [[row[i] for row in alone[0].tokens] for i in range(1, 8)]

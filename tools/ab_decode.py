@@ -35,7 +35,7 @@ def hwm():
 
 directory, batch, prompt, new, threads, layers = sys.argv[1:7]
 batch, prompt, new, threads, layers = int(batch), int(prompt), int(new), int(threads), int(layers)
-rt = skipdeploy.load(directory, verify=False, threads=threads)
+rt = skipdeploy.load(directory, "onnxruntime", False, threads=threads)  # positional: old trees call it verify
 L = rt.spec.num_layers
 sched = Schedule.full(L) if layers >= L else Schedule(L, layers, layers, decay_tokens=1, warmup_layers=0)
 prompts = np.random.default_rng(batch).integers(4, 50000, (batch, prompt)).tolist()

@@ -128,19 +128,19 @@ def main() -> int:
 
     runtimes = {}
     if cuda:
-        runtimes["torch-graphs"] = skipdeploy.load(export_dir, backend="torch", device="cuda", verify=False)
+        runtimes["torch-graphs"] = skipdeploy.load(export_dir, backend="torch", device="cuda", check_files=False)
         log("torch backend loaded (cuda, fp16, CUDA graphs)")
     else:  # the same static-cache decode path, without capture
-        runtimes["torch-static"] = skipdeploy.load(export_dir, backend="torch", static_cache=True, verify=False)
+        runtimes["torch-static"] = skipdeploy.load(export_dir, backend="torch", static_cache=True, check_files=False)
     main_backend = next(iter(runtimes))
     for name, s in schedules.items():
         contenders.append((main_backend, name, ours(runtimes[main_backend], s)))
     runtimes["torch-eager"] = skipdeploy.load(export_dir, backend="torch", device=args.device, cuda_graphs=False,
-                                              static_cache=False, verify=False)
+                                              static_cache=False, check_files=False)
     contenders.append(("torch-eager", "full", ours(runtimes["torch-eager"], schedules["full"])))
     try:
         name = "ort-cuda" if cuda else "ort-cpu"
-        runtimes[name] = skipdeploy.load(export_dir, device=args.device, verify=False)
+        runtimes[name] = skipdeploy.load(export_dir, device=args.device, check_files=False)
         log(f"onnxruntime backend loaded ({args.device})")
         for sched_name, s in schedules.items():
             contenders.append((name, sched_name, ours(runtimes[name], s)))
@@ -156,7 +156,7 @@ def main() -> int:
 
             build_engines(export_dir, max_batch=max(batches), max_length=P + N + 8, max_prompt=P,
                           opt_batch=min(8, max(batches)), log=log)
-            runtimes["tensorrt"] = skipdeploy.load(export_dir, backend="tensorrt", verify=False)
+            runtimes["tensorrt"] = skipdeploy.load(export_dir, backend="tensorrt", check_files=False)
             for name, s in schedules.items():
                 contenders.append(("tensorrt", name, ours(runtimes["tensorrt"], s)))
         else:

@@ -1,16 +1,21 @@
-"""The one interface every backend implements: run a graph on bound buffers.
+"""The one interface every backend implements: allocate cache buffers, run a graph on them.
 
 The runtime owns the decoding loop and the bookkeeping (valid lengths, masks, positions); an
-engine owns device memory and kernels. Hidden states are opaque engine objects that the runtime
-only passes from one call to the next; token ids, positions, masks and logits are numpy.
+engine owns sessions, kernels and device memory. A :class:`KVCache` belongs to whoever allocated
+it (a :class:`~skipdeploy.runtime.Generator`), not to the engine: one loaded engine serves any
+number of live caches, and a call is told which one to read and write. Released caches go back
+to the engine, which may hand their buffers to a later ``allocate``.
+
+Hidden states are opaque engine objects that the runtime only passes from one call to the next;
+they expose ``.shape`` ([B, T, E]) and nothing else. ``to_numpy``/``from_numpy`` convert them
+for the few callers that must look inside (the diagnosis of non-finite logits, ``verify``).
+Token ids, positions, masks and logits are numpy.
 
 An engine may defer work: the torch CUDA engine returns a pending step from ``embed`` for one new
 position, the ``layer`` calls only record the step's layer set, and ``head`` runs the whole step
 as one captured CUDA graph. So a layer's keys and values are guaranteed in the cache once
-``head`` has returned, not before. A hidden-state object is a torch tensor or something
-``numpy.asarray`` reads (running deferred work if needed): the runtime's diagnosis of non-finite
-logits and ``verify`` read them that way. The logits array ``head`` returns may be a buffer the
-engine reuses at its next call: copy it to keep it.
+``head`` has returned, not before. The logits array ``head`` returns may be a buffer the engine
+reuses at its next call: copy it to keep it.
 """
 
 from __future__ import annotations
@@ -22,24 +27,30 @@ import numpy as np
 
 from ..errors import BackendError
 from ..manifest import Manifest
+from ..numerics import MASK_VALUE
+
+# Bias of the masked slot some engines keep in front of every layer's cache (see masked_slot_bias).
+MASKED_SLOT_VALUE = 2 * MASK_VALUE
 
 
 class KVCache:
     """Per-layer key and value buffers of shape [capacity_l, batch, heads, head_dim].
 
-    ``valid[l]`` is how many positions of layer l hold keys and values; it is kept by the
-    runtime and checked against the schedule, never inferred from a buffer's extent.
+    ``storage`` is the engine's own record of the memory behind them, used when the cache is
+    released. How many positions of a layer are valid is kept by the cache's owner, checked
+    against the schedule, and never inferred from a buffer's extent.
     """
 
-    def __init__(self, keys: list[Any], values: list[Any], capacities: list[int], batch: int) -> None:
+    def __init__(self, keys: list[Any], values: list[Any], capacities: list[int], batch: int,
+                 storage: Any = None) -> None:
         self.keys, self.values = keys, values
         self.capacities = list(capacities)
         self.batch = batch
-        self.valid = [0] * len(capacities)
+        self.storage = storage
 
 
 class Engine(ABC):
-    """A backend: allocates the KV cache and runs the embed, layer and head graphs."""
+    """A backend: allocates cache buffers and runs the embed, layer and head graphs."""
 
     name = "engine"
 
@@ -47,43 +58,63 @@ class Engine(ABC):
         self.manifest = manifest
         self.spec = manifest.model
 
+    # -- cache buffers ---------------------------------------------------------------------------
     @abstractmethod
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
-        """A cache with room for ``capacities[l]`` positions in layer l, reusing earlier buffers."""
+        """A new cache with room for ``capacities[l]`` positions in layer l, for ``batch`` rows.
+        It shares no memory with any other live cache."""
 
+    def release(self, cache: KVCache) -> None:
+        """The cache's owner is done with it: its buffers may serve a later ``allocate``."""
+
+    # -- graphs ----------------------------------------------------------------------------------
     @abstractmethod
     def embed(self, input_ids: np.ndarray, position_ids: np.ndarray) -> Any:
         """Hidden states [B,T,E] for int64 ids and positions [B,T]."""
 
-    @abstractmethod
     def layer(self, index: int, hidden: Any, cache: KVCache, past: int, attention_bias: np.ndarray) -> Any:
         """Run layer ``index`` on T new positions; write their keys and values into
-        ``cache[index][past:past+T]`` in place; return the new hidden states."""
+        ``cache[index][past:past+T]`` in place; return the new hidden states.
 
-    @staticmethod
-    def check_layer_call(index: int, cache: KVCache, past: int, new: int, batch: int,
-                         attention_bias: np.ndarray) -> None:
-        """Refuse a call that would write outside layer ``index``'s cache or mask the wrong keys:
-        with raw pointers, an overflow would corrupt memory silently."""
+        Checked here for every backend: with raw pointers, a call that writes outside the layer's
+        cache or masks the wrong keys would corrupt memory silently."""
+        batch, new = hidden.shape[0], hidden.shape[1]
         if past + new > cache.capacities[index]:
             raise BackendError(f"layer {index}: writing positions {past}..{past + new - 1} would overflow "
                                f"its cache of {cache.capacities[index]} positions")
+        if batch != cache.batch:
+            raise BackendError(f"layer {index}: {batch} rows of hidden states for a cache of {cache.batch} rows")
         if attention_bias.shape != (batch, past + new) or not attention_bias.flags.c_contiguous:
             raise BackendError(f"layer {index}: attention bias must be a contiguous [{batch}, {past + new}] array")
+        return self._layer(index, hidden, cache, past, attention_bias)
+
+    @abstractmethod
+    def _layer(self, index: int, hidden: Any, cache: KVCache, past: int, attention_bias: np.ndarray) -> Any:
+        """The backend's layer call; the arguments are checked."""
 
     @abstractmethod
     def head(self, hidden: Any) -> np.ndarray:
         """float32 logits [B,V] of the last position."""
 
+    # -- looking inside hidden states ------------------------------------------------------------
+    def to_numpy(self, hidden: Any) -> np.ndarray:
+        """Hidden states as a float32 host array (running deferred work if needed)."""
+        return np.asarray(hidden, np.float32)
+
+    def from_numpy(self, array: np.ndarray) -> Any:
+        """Host hidden states [B,T,E] in the form this engine's ``layer`` and ``head`` take."""
+        return np.ascontiguousarray(array, self.dtype)
+
+    # -- resources -------------------------------------------------------------------------------
     def available_memory(self) -> int | None:
-        """Bytes the cache may use on this engine's device, or None when unknown."""
-        return _host_available_memory()
+        """Bytes a new cache may use on this engine's device, or None when unknown."""
+        return host_available_memory()
 
     def close(self) -> None:
         """Release sessions and buffers."""
 
 
-def _host_available_memory() -> int | None:
+def host_available_memory() -> int | None:
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -92,3 +123,43 @@ def _host_available_memory() -> int | None:
     except OSError:
         pass
     return None
+
+
+def masked_slot_bias(bias: np.ndarray, slots: int) -> np.ndarray:
+    """The attention bias for a cache with ``slots`` masked slots in front of position 0.
+
+    GPU backends keep such a slot so that no graph ever sees an empty past. The slots get twice
+    the mask value: a padding query whose real keys are all masked still gives them zero weight,
+    so every output (padding rows included) equals the unpadded one.
+    """
+    bias = np.ascontiguousarray(bias, np.float32)
+    if not slots:
+        return bias
+    return np.ascontiguousarray(np.concatenate([np.full((bias.shape[0], slots), MASKED_SLOT_VALUE, np.float32),
+                                                bias], axis=1))
+
+
+class FlatPool:
+    """Released per-layer flat buffers, kept for reuse (at most ``keep`` caches' worth).
+
+    Used by the engines whose caches are one flat key and one flat value buffer per layer viewed
+    as [capacity, batch, H, D]: any later request whose layer fits reuses the memory, so that a
+    server does not pay page faults for a new cache at every request."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self._free: list[tuple[list, list]] = []
+
+    def take(self) -> tuple[list, list] | None:
+        return self._free.pop() if self._free else None
+
+    def give(self, storage: tuple[list, list] | None) -> None:
+        if storage is not None and len(self._free) < self.keep:
+            self._free.append(storage)
+
+    def held_bytes(self, size) -> int:
+        """Bytes of the buffers held for reuse, ``size(buffer)`` each: memory a new cache may take."""
+        return sum(size(b) for keys, values in self._free for b in keys + values if b is not None)
+
+    def clear(self) -> None:
+        self._free.clear()

@@ -27,9 +27,8 @@ import onnxruntime as ort
 
 from ..errors import BackendError
 from ..manifest import Manifest
-from .base import Engine, KVCache
-
-_NP = {"float32": np.float32, "float16": np.float16}
+from ..numerics import numpy_dtype
+from .base import Engine, FlatPool, KVCache
 
 
 def session_options(threads: int | None = None, shared_arena: bool = False) -> ort.SessionOptions:
@@ -133,7 +132,7 @@ class OnnxRuntimeEngine(Engine):
     def __init__(self, manifest: Manifest, threads: int | None = None,
                  providers: list[str] | None = None) -> None:
         super().__init__(manifest)
-        self.dtype = _NP[manifest.dtype]
+        self.dtype = numpy_dtype(manifest.dtype)
         providers = providers or ["CPUExecutionProvider"]
         options = session_options(threads, shared_arena=providers == ["CPUExecutionProvider"])
 
@@ -153,8 +152,7 @@ class OnnxRuntimeEngine(Engine):
         self._embed_io = PointerBinding(self.embed_session)
         self._layer_io = [PointerBinding(s) for s in self.layer_sessions]
         self._head_io = PointerBinding(self.head_session)
-        self._key_pool: list[np.ndarray] = [np.empty(0, self.dtype) for _ in range(self.spec.num_layers)]
-        self._value_pool: list[np.ndarray] = [np.empty(0, self.dtype) for _ in range(self.spec.num_layers)]
+        self._free = FlatPool()
         self._buffers: dict[tuple, np.ndarray] = {}
 
     # -- buffers ---------------------------------------------------------------------------
@@ -164,20 +162,22 @@ class OnnxRuntimeEngine(Engine):
             buf = self._buffers[key] = np.empty(shape, dtype)
         return buf
 
-    def pooled_bytes(self) -> int:
-        return sum(p.nbytes for p in self._key_pool + self._value_pool)
-
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
-        H, D = self.spec.num_heads, self.spec.head_dim
+        H, D, L = self.spec.num_heads, self.spec.head_dim, self.spec.num_layers
+        flat_keys, flat_values = self._free.take() or ([np.empty(0, self.dtype)] * L, [np.empty(0, self.dtype)] * L)
         keys, values = [], []
         for layer, cap in enumerate(capacities):
             need = cap * batch * H * D
-            for pool in (self._key_pool, self._value_pool):
-                if pool[layer].size < need:
-                    pool[layer] = np.empty(need, self.dtype)
-            keys.append(self._key_pool[layer][:need].reshape(cap, batch, H, D))
-            values.append(self._value_pool[layer][:need].reshape(cap, batch, H, D))
-        return KVCache(keys, values, capacities, batch)
+            for flat in (flat_keys, flat_values):
+                if flat[layer].size < need:
+                    flat[layer] = np.empty(need, self.dtype)
+            keys.append(flat_keys[layer][:need].reshape(cap, batch, H, D))
+            values.append(flat_values[layer][:need].reshape(cap, batch, H, D))
+        return KVCache(keys, values, capacities, batch, storage=(flat_keys, flat_values))
+
+    def release(self, cache: KVCache) -> None:
+        self._free.give(cache.storage)
+        cache.storage = None
 
     # -- graphs ----------------------------------------------------------------------------
     def embed(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
@@ -192,12 +192,11 @@ class OnnxRuntimeEngine(Engine):
         io.run()
         return out
 
-    def layer(self, index: int, hidden: np.ndarray, cache: KVCache, past: int,
-              attention_bias: np.ndarray) -> np.ndarray:
+    def _layer(self, index: int, hidden: np.ndarray, cache: KVCache, past: int,
+               attention_bias: np.ndarray) -> np.ndarray:
         B, T, E = hidden.shape
         H, D = self.spec.num_heads, self.spec.head_dim
         keys, values = cache.keys[index], cache.values[index]
-        self.check_layer_call(index, cache, past, T, B, attention_bias)
         slot = B * H * D * keys.itemsize
         which = 1 if self._buffers.get(("hidden", 1, B, T)) is not hidden else 0
         out = self._buffer(("hidden", which, B, T), (B, T, E), self.dtype)
@@ -224,4 +223,4 @@ class OnnxRuntimeEngine(Engine):
 
     def close(self) -> None:
         self._buffers.clear()
-        self._key_pool = self._value_pool = []
+        self._free.clear()

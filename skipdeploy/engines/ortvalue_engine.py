@@ -14,7 +14,7 @@ are missing, so the session's own providers are checked, not the available list.
 
 ``pad_past`` (the default on CUDA) keeps one masked slot in front of every layer's cache, so
 that no graph ever sees an empty past (P = 0 is fine on the CPU provider, a known hazard on GPU
-providers); the attention bias gets a masked column in front to match.
+providers); the attention bias gets a masked column in front to match (``masked_slot_bias``).
 """
 
 from __future__ import annotations
@@ -24,12 +24,9 @@ import onnxruntime as ort
 
 from ..errors import BackendError
 from ..manifest import Manifest
-from .base import Engine, KVCache
+from ..numerics import numpy_dtype
+from .base import Engine, FlatPool, KVCache, masked_slot_bias
 from .onnxruntime_engine import session_options
-
-MASK_VALUE = -1e9
-PAD_VALUE = 2 * MASK_VALUE  # bias of the masked slot in front of a padded cache (see pad_bias)
-_NP = {"float32": np.float32, "float16": np.float16}
 
 
 class DeviceArray:
@@ -75,7 +72,7 @@ class OrtValueEngine(Engine):
         if device not in ("cpu", "cuda"):
             raise BackendError(f"the onnxruntime backend runs on 'cpu' or 'cuda' (got {device!r})")
         self.device, self.device_id = device, device_id
-        self.dtype = _NP[manifest.dtype]
+        self.dtype = numpy_dtype(manifest.dtype)
         self.pad = int(device == "cuda" if pad_past is None else pad_past)
         if device == "cuda":
             ok, why = cuda_provider_usable(manifest.path("embed"), device_id)
@@ -100,9 +97,7 @@ class OrtValueEngine(Engine):
         self._embed_io = self.embed_session.io_binding()
         self._layer_io = [s.io_binding() for s in self.layer_sessions]
         self._head_io = self.head_session.io_binding()
-        L = self.spec.num_layers
-        self._key_pool: list = [None] * L
-        self._value_pool: list = [None] * L
+        self._free = FlatPool()
         self._values: dict[tuple, DeviceArray] = {}
         self._bias_host: np.ndarray | None = None
         self._bias_value: DeviceArray | None = None
@@ -124,21 +119,26 @@ class OrtValueEngine(Engine):
         return value
 
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
-        H, D = self.spec.num_heads, self.spec.head_dim
+        H, D, L = self.spec.num_heads, self.spec.head_dim, self.spec.num_layers
+        flat_keys, flat_values = self._free.take() or ([None] * L, [None] * L)
         keys, values = [], []
         for layer, cap in enumerate(capacities):
             need = max(1, (cap + self.pad) * batch * H * D)
-            for pool in (self._key_pool, self._value_pool):
-                if pool[layer] is None or pool[layer].shape()[0] < need:
-                    pool[layer] = self._buffer(need)
+            for flat in (flat_keys, flat_values):
+                if flat[layer] is None or flat[layer].shape()[0] < need:
+                    flat[layer] = self._buffer(need)
             shape = (cap, batch, H, D)  # the real positions, after the masked slot
             offset = self.pad * batch * H * D * np.dtype(self.dtype).itemsize
-            keys.append(DeviceArray(self._key_pool[layer], shape, self.dtype, offset))
-            values.append(DeviceArray(self._value_pool[layer], shape, self.dtype, offset))
-        return KVCache(keys, values, capacities, batch)
+            keys.append(DeviceArray(flat_keys[layer], shape, self.dtype, offset))
+            values.append(DeviceArray(flat_values[layer], shape, self.dtype, offset))
+        return KVCache(keys, values, capacities, batch, storage=(flat_keys, flat_values))
 
-    def pooled_bytes(self) -> int:
-        return sum(v.tensor_size_in_bytes() for v in self._key_pool + self._value_pool if v is not None)
+    def release(self, cache: KVCache) -> None:
+        self._free.give(cache.storage)
+        cache.storage = None
+
+    def from_numpy(self, array: np.ndarray) -> DeviceArray:
+        return self._hidden(array)
 
     def _hidden(self, hidden) -> DeviceArray:
         """Hidden states as a device array (host arrays, e.g. from ``verify``, are uploaded)."""
@@ -155,7 +155,7 @@ class OrtValueEngine(Engine):
                 and np.array_equal(self._bias_host, attention_bias):
             return self._bias_value
         self._bias_host = np.array(attention_bias, np.float32, copy=True)
-        padded = pad_bias(self._bias_host, self.pad)
+        padded = masked_slot_bias(self._bias_host, self.pad)
         self._bias_value = DeviceArray(ort.OrtValue.ortvalue_from_numpy(padded, self.device, self.device_id),
                                        padded.shape, np.float32)
         return self._bias_value
@@ -173,11 +173,10 @@ class OrtValueEngine(Engine):
         self.embed_session.run_with_iobinding(io)
         return out
 
-    def layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray) -> DeviceArray:
+    def _layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray) -> DeviceArray:
         hidden = self._hidden(hidden)
         B, T, E = hidden.shape
         H, D = self.spec.num_heads, self.spec.head_dim
-        self.check_layer_call(index, cache, past, T, B, attention_bias)
         slot = B * H * D * np.dtype(self.dtype).itemsize
         keys, values = cache.keys[index].value.data_ptr(), cache.values[index].value.data_ptr()
         P = past + self.pad  # positions bound as the past, the masked slot included
@@ -226,19 +225,5 @@ class OrtValueEngine(Engine):
 
     def close(self) -> None:
         self._values.clear()
-        self._key_pool = [None] * self.spec.num_layers
-        self._value_pool = [None] * self.spec.num_layers
+        self._free.clear()
         self._bias_host = self._bias_value = None
-
-
-def pad_bias(bias: np.ndarray, pad: int) -> np.ndarray:
-    """The attention bias for a cache with ``pad`` masked slots in front of position 0.
-
-    The slots get twice the mask value: a padding query whose real keys are all masked still
-    gives them zero weight, so every output (padding rows included) equals the unpadded one.
-    """
-    bias = np.ascontiguousarray(bias, np.float32)
-    if not pad:
-        return bias
-    return np.ascontiguousarray(np.concatenate([np.full((bias.shape[0], pad), PAD_VALUE, np.float32), bias],
-                                               axis=1))

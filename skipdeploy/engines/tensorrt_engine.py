@@ -21,18 +21,13 @@ import numpy as np
 
 from ..errors import BackendError
 from ..manifest import Manifest
-from .base import Engine, KVCache
+from ..numerics import numpy_dtype, round_up
+from .base import Engine, FlatPool, KVCache, masked_slot_bias
 from .cuda_memory import CudaMemory, DeviceBuffer, gpu_identity
-from .ortvalue_engine import pad_bias
 from .tensorrt_build import (DECODE_PROFILE, PAST_PAD, PREFILL_PROFILE, REBUILD, build_engines, find_engines,
                              import_tensorrt)
 
-_NP = {"float32": np.float32, "float16": np.float16}
 ALIGNMENT = 256  # bytes; IExecutionContext::setTensorAddress requires it
-
-
-def _round_up(n: int, step: int) -> int:
-    return -(-n // step) * step
 
 
 class DeviceTensor:
@@ -141,7 +136,7 @@ class TensorRTEngine(Engine):
             entry = build_engines(manifest.directory, device_id=device_id, **build_options)
         self.entry = entry
         self.profile = entry.profile
-        self.dtype = _NP[manifest.dtype]
+        self.dtype = numpy_dtype(manifest.dtype)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.embed_graph = _Graph(trt, self.runtime, entry.plan("embed"))
@@ -153,8 +148,7 @@ class TensorRTEngine(Engine):
         self._scratch = self.memory.alloc(max(max(g.memory_sizes) for g in graphs))
         for graph in graphs:
             graph.attach(self._scratch, self.memory.stream)
-        self._key_pool: list[DeviceBuffer | None] = [None] * self.spec.num_layers
-        self._value_pool: list[DeviceBuffer | None] = [None] * self.spec.num_layers
+        self._free = FlatPool()
         self._buffers: dict[tuple, DeviceBuffer] = {}
         self._bias_host: np.ndarray | None = None
         self._bias: DeviceTensor | None = None
@@ -167,18 +161,26 @@ class TensorRTEngine(Engine):
         return buf
 
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
-        H, D = self.spec.num_heads, self.spec.head_dim
+        H, D, L = self.spec.num_heads, self.spec.head_dim, self.spec.num_layers
         item = np.dtype(self.dtype).itemsize
+        flat_keys, flat_values = self._free.take() or ([None] * L, [None] * L)
         keys, values = [], []
         for layer, cap in enumerate(capacities):
             need = (cap + PAST_PAD) * batch * H * D * item
-            for pool in (self._key_pool, self._value_pool):
-                if pool[layer] is None or pool[layer].nbytes < need:
-                    pool[layer] = self.memory.alloc(need, zero=True)  # the masked slot must be finite
+            for flat in (flat_keys, flat_values):
+                if flat[layer] is None or flat[layer].nbytes < need:
+                    flat[layer] = self.memory.alloc(need, zero=True)  # the masked slot must be finite
             offset = PAST_PAD * batch * H * D * item
-            keys.append(DeviceTensor(self.memory, self._key_pool[layer], (cap, batch, H, D), self.dtype, offset))
-            values.append(DeviceTensor(self.memory, self._value_pool[layer], (cap, batch, H, D), self.dtype, offset))
-        return KVCache(keys, values, capacities, batch)
+            keys.append(DeviceTensor(self.memory, flat_keys[layer], (cap, batch, H, D), self.dtype, offset))
+            values.append(DeviceTensor(self.memory, flat_values[layer], (cap, batch, H, D), self.dtype, offset))
+        return KVCache(keys, values, capacities, batch, storage=(flat_keys, flat_values))
+
+    def release(self, cache: KVCache) -> None:
+        self._free.give(cache.storage)
+        cache.storage = None
+
+    def from_numpy(self, array: np.ndarray) -> DeviceTensor:
+        return self._device(array)
 
     def _device(self, hidden) -> DeviceTensor:
         if isinstance(hidden, DeviceTensor):
@@ -193,7 +195,7 @@ class TensorRTEngine(Engine):
                 and np.array_equal(self._bias_host, attention_bias):
             return self._bias
         self._bias_host = np.array(attention_bias, np.float32, copy=True)
-        padded = pad_bias(self._bias_host, PAST_PAD)
+        padded = masked_slot_bias(self._bias_host, PAST_PAD)
         buf = self._buffer(("bias",), padded.nbytes)
         self.memory.upload(buf, padded)
         self._bias = DeviceTensor(self.memory, buf, padded.shape, np.float32)
@@ -220,11 +222,10 @@ class TensorRTEngine(Engine):
                   self.memory.stream)
         return out
 
-    def layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray) -> DeviceTensor:
+    def _layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray) -> DeviceTensor:
         hidden = self._device(hidden)
         B, T, E = hidden.shape
         H, D = self.spec.num_heads, self.spec.head_dim
-        self.check_layer_call(index, cache, past, T, B, attention_bias)
         P = past + PAST_PAD
         profile = DECODE_PROFILE if T == 1 else PREFILL_PROFILE
         shapes = {"hidden": (B, T, E), "past_key": (P, B, H, D), "past_value": (P, B, H, D),
@@ -242,12 +243,12 @@ class TensorRTEngine(Engine):
         staged = (P * slot) % ALIGNMENT != 0  # TensorRT wants 256-byte aligned tensor addresses
         if staged:  # rare (hidden size x dtype not a multiple of 256 bytes): write aside, then copy in
             new = T * slot
-            stage = self._buffer(("stage",), 2 * _round_up(new, ALIGNMENT))
-            addresses["key"], addresses["value"] = stage.ptr, stage.ptr + _round_up(new, ALIGNMENT)
+            stage = self._buffer(("stage",), 2 * round_up(new, ALIGNMENT))
+            addresses["key"], addresses["value"] = stage.ptr, stage.ptr + round_up(new, ALIGNMENT)
         graph.run(profile, shapes, addresses, self.memory.stream)
         if staged:
             self.memory.copy(cache.keys[index].buffer, P * slot, stage, 0, new)
-            self.memory.copy(cache.values[index].buffer, P * slot, stage, _round_up(new, ALIGNMENT), new)
+            self.memory.copy(cache.values[index].buffer, P * slot, stage, round_up(new, ALIGNMENT), new)
         return out
 
     def head(self, hidden) -> np.ndarray:
@@ -283,73 +284,12 @@ class TensorRTEngine(Engine):
                                f"larger {flags}")
 
     def available_memory(self) -> int | None:
-        pooled = sum(b.nbytes for b in self._key_pool + self._value_pool if b is not None)
-        return self.memory.free_bytes() + pooled
+        return self.memory.free_bytes() + self._free.held_bytes(lambda b: b.nbytes)
 
     def close(self) -> None:
         self.memory.synchronize()
         self._buffers.clear()
-        self._key_pool = [None] * self.spec.num_layers
-        self._value_pool = [None] * self.spec.num_layers
+        self._free.clear()
 
 
-# -- TensorRT against onnxruntime, per graph -------------------------------------------------------------
-def compare_with_onnxruntime(directory, engine: "TensorRTEngine | None" = None, seed: int = 0, batch: int = 2,
-                             device_id: int = 0) -> list[dict]:
-    """Each engine against onnxruntime (CPU) on the same random inputs: per graph and case (a
-    prefill chunk from an empty cache, then a decode step), the largest error over its outputs
-    relative to the reference's scale.
-
-    Returns ``[{"graph", "case", "error", "tolerance", "ok"}]``. The TensorRT side runs through
-    this backend's own binding code (cache slots, the masked past slot), not a separate runner.
-    """
-    import onnxruntime as ort
-
-    from ..manifest import read_manifest
-    from .tensorrt_build import _graphs
-
-    own = engine is None
-    manifest = read_manifest(directory, verify=False) if own else engine.manifest
-    engine = TensorRTEngine(manifest, device_id=device_id) if own else engine
-    spec, dtype = manifest.model, engine.dtype
-    tolerance = {"float32": 1e-4, "float16": 2e-2}[manifest.dtype]
-    rng = np.random.default_rng(seed)
-    E = spec.hidden_size
-    results = []
-
-    def record(graph: str, case: str, got: list, want: list) -> None:
-        err = max(float(np.max(np.abs(np.asarray(g, np.float32) - np.asarray(w, np.float32)))
-                        / max(1.0, float(np.max(np.abs(np.asarray(w, np.float32)))))) for g, w in zip(got, want))
-        results.append({"graph": graph, "case": case, "error": err, "tolerance": tolerance, "ok": err <= tolerance})
-
-    sessions = {name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-                for name, _, path in _graphs(manifest)}
-    T = 3
-    ids = rng.integers(0, spec.vocab_size, (batch, T))
-    pos = np.tile(np.arange(T), (batch, 1))
-    got = engine.embed(ids, pos)
-    want = sessions["embed"].run(None, {"input_ids": ids, "position_ids": pos})[0]
-    record("embed", f"B={batch} T={T}", [got], [want])
-    for layer in range(spec.num_layers):
-        name = f"layer_{layer:02d}"
-        cache = engine.allocate([T + 1] * spec.num_layers, batch)
-        for case, past, new in (("prefill", 0, T), ("decode", T, 1)):
-            x = (rng.standard_normal((batch, new, E)) * 0.5).astype(dtype)
-            bias = np.zeros((batch, past + new), np.float32)
-            bias[1, 0] = -1e9  # row 1 is left-padded by one position
-            out = engine.layer(layer, x, cache, past, bias)
-            keys = np.asarray(cache.keys[layer])[past:past + new]
-            values = np.asarray(cache.values[layer])[past:past + new]
-            prefix = np.asarray(cache.keys[layer])[:past], np.asarray(cache.values[layer])[:past]
-            want = sessions[name].run(None, {"hidden": x, "past_key": prefix[0], "past_value": prefix[1],
-                                             "attention_bias": bias})
-            record(name, f"{case} B={batch} P={past} T={new}", [out, keys, values], want)
-    x = (rng.standard_normal((batch, 1, E)) * 0.5).astype(dtype)
-    want = sessions["head"].run(None, {"hidden": np.ascontiguousarray(x[:, -1])})[0]
-    record("head", f"B={batch}", [engine.head(x)], [want])
-    if own:
-        engine.close()
-    return results
-
-
-__all__ = ["TensorRTEngine", "compare_with_onnxruntime"]
+__all__ = ["TensorRTEngine"]

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..manifest import Manifest
+from ..numerics import MASK_VALUE, round_up
 from .base import Engine, KVCache
 
 try:
@@ -35,13 +36,12 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise BackendError(f"the torch backend needs torch and onnx ({exc}); "
                        "pip install 'skipdeploy[export]'") from None
 
-MASK_VALUE = -1e9
 _TORCH = {"float32": torch.float32, "float16": torch.float16}
 # Static-cache buffers grow in steps of this many positions, so that nearby request sizes share
 # buffers (and captured graphs).
 BUCKET = 64
-# Pools (buffers and graphs) kept for this many batch sizes at once.
-MAX_POOLS = 4
+# Released static caches (buffers and their captured graphs) kept for reuse.
+MAX_FREE = 4
 
 
 def _weights(path) -> dict[str, "torch.Tensor"]:
@@ -55,9 +55,11 @@ def _keep_fp32(name: str) -> bool:
     return name.startswith(("ln_", "final_layer_norm"))
 
 
-@dataclass
+@dataclass(eq=False)  # identity: list.remove must not compare tensors
 class _Pool:
-    """Static-cache state for one batch size: cache buffers, step inputs, captured graphs."""
+    """The storage of a static cache: whole-capacity buffers, the step's fixed inputs and the
+    CUDA graphs captured on them. It belongs to one live cache at a time; released, it waits
+    for a later cache of the same batch size (graphs included)."""
 
     batch: int
     keys: list[Any]
@@ -131,10 +133,8 @@ class TorchEngine(Engine):
         self.embed_w = self._load(manifest.path("embed"))
         self.layer_w = [self._load(manifest.layer_path(i)) for i in range(self.spec.num_layers)]
         self.head_w = self._load(manifest.path("head"))
-        self._pools: dict[int, _Pool] = {}
+        self._free: list[_Pool] = []
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
-        self.stats = {"captures": 0, "replays": 0, "static_steps": 0}
-        self.step_layer_sets: set[tuple[int, tuple[int, ...]]] = set()  # (batch, layers) of static steps
 
     def _load(self, path) -> dict[str, "torch.Tensor"]:
         return {k: v.to(device=self.device, dtype=torch.float32 if _keep_fp32(k) else self.dtype)
@@ -149,26 +149,30 @@ class TorchEngine(Engine):
             values = [torch.empty(s, dtype=self.dtype, device=self.device) for s in shape]
             return KVCache(keys, values, capacities, batch)
         pool = self._pool(capacities, batch)
-        cache = KVCache([k[:cap] for k, cap in zip(pool.keys, capacities)],
-                        [v[:cap] for v, cap in zip(pool.values, capacities)], capacities, batch)
-        cache.pool = pool  # the full buffers, which the static path attends over
-        return cache
+        return KVCache([k[:cap] for k, cap in zip(pool.keys, capacities)],
+                       [v[:cap] for v, cap in zip(pool.values, capacities)], capacities, batch, storage=pool)
+
+    def release(self, cache: KVCache) -> None:
+        if isinstance(cache.storage, _Pool):
+            self._free.append(cache.storage)
+            del self._free[:-MAX_FREE]
+        cache.storage = None
 
     def _pool(self, capacities: list[int], batch: int) -> _Pool:
-        """Buffers for ``batch`` rows that hold at least ``capacities``; they only ever grow (by
-        BUCKET positions), and growing drops the graphs captured on the old addresses. Zeroed at
-        allocation: masked positions are multiplied by zero weights, and 0 x NaN would be NaN."""
+        """Static buffers for ``batch`` rows that hold at least ``capacities``: a released pool of
+        that batch size (its graphs too) when there is one, grown (by BUCKET positions) where too
+        small, which drops the graphs captured on the old addresses. Zeroed at allocation: masked
+        positions are multiplied by zero weights, and 0 x NaN would be NaN."""
         H, D, L = self.spec.num_heads, self.spec.head_dim, self.spec.num_layers
-        pool = self._pools.pop(batch, None)
+        pool = next((p for p in reversed(self._free) if p.batch == batch), None)
         if pool is None:
-            if len(self._pools) >= MAX_POOLS:
-                self._pools.pop(next(iter(self._pools)))
             pool = _Pool(batch, [None] * L, [None] * L)
-        self._pools[batch] = pool  # most recently used last
+        else:
+            self._free.remove(pool)
         grown = False
         for layer, cap in enumerate(capacities):
             if pool.keys[layer] is None or pool.keys[layer].shape[0] < cap:
-                size = _round_up(cap, BUCKET)
+                size = max(BUCKET, round_up(cap, BUCKET))
                 pool.keys[layer] = torch.zeros((size, batch, H, D), dtype=self.dtype, device=self.device)
                 pool.values[layer] = torch.zeros((size, batch, H, D), dtype=self.dtype, device=self.device)
                 grown = True
@@ -189,9 +193,9 @@ class TorchEngine(Engine):
             pool.graphs.clear()
         return pool
 
-    def pooled_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pool in self._pools.values()
-                   for t in pool.keys + pool.values if t is not None)
+    def _free_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pool in self._free for t in pool.keys + pool.values
+                   if t is not None)
 
     # -- graphs ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -218,12 +222,9 @@ class TorchEngine(Engine):
         return y + w[f"{name}.bias"] if f"{name}.bias" in w else y
 
     @torch.no_grad()
-    def layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray):
+    def _layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray):
         if isinstance(hidden, _PendingStep):
-            self.check_layer_call(index, cache, past, 1, hidden.shape[0], attention_bias)
             return hidden.then(index, cache, past, attention_bias)
-        B, T, E = hidden.shape
-        self.check_layer_call(index, cache, past, T, B, attention_bias)
         return self._dynamic_layer(index, hidden, cache, past, attention_bias)
 
     def _dynamic_layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray):
@@ -332,12 +333,10 @@ class TorchEngine(Engine):
             x = self._embed(torch.as_tensor(step.ids, device=self.device),
                             torch.as_tensor(step.positions, device=self.device))
             return x if eager_hidden else self._head(x).cpu().numpy()
-        pool = getattr(step.cache, "pool", None)
-        if pool is None or pool.batch != B:
+        pool = step.cache.storage
+        if not isinstance(pool, _Pool) or pool.batch != B:
             raise BackendError("internal error: a decode step's cache was not allocated by this engine")
         self._stage(pool, step)
-        self.step_layer_sets.add((B, step.layers))
-        self.stats["static_steps"] += 1
         if eager_hidden:  # run up to here without capture, return the hidden states
             x = self._embed(pool.ints[:B].view(B, 1), pool.ints[B:2 * B].view(B, 1))
             for index in step.layers:
@@ -348,7 +347,6 @@ class TorchEngine(Engine):
             if graph is None:
                 graph = pool.graphs[step.layers] = self._capture(pool, step.layers)
             graph.replay()
-            self.stats["replays"] += 1
             pool.host_logits.copy_(pool.logits, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
             return pool.host_logits.numpy()
@@ -371,23 +369,32 @@ class TorchEngine(Engine):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BackendError(f"CUDA graph capture failed ({first}); load the torch backend with "
                                "cuda_graphs=False to decode without graphs") from None
-        self.stats["captures"] += 1
         return graph
 
-    def graph_keys(self) -> set[tuple[int, tuple[int, ...]]]:
-        """(batch, layer set) of every CUDA graph currently held."""
-        return {(b, layers) for b, pool in self._pools.items() for layers in pool.graphs}
+    def graph_keys(self, cache: KVCache | None = None) -> set[tuple[int, tuple[int, ...]]]:
+        """(batch, layer set) of every CUDA graph held by ``cache`` (default: the released caches)."""
+        pools = [cache.storage] if cache is not None else self._free
+        return {(pool.batch, layers) for pool in pools if isinstance(pool, _Pool) for layers in pool.graphs}
+
+    # -- looking inside hidden states ------------------------------------------------------------
+    def to_numpy(self, hidden) -> np.ndarray:
+        if isinstance(hidden, torch.Tensor):
+            return hidden.float().cpu().numpy()
+        return np.asarray(hidden, np.float32)
+
+    def from_numpy(self, array: np.ndarray) -> "torch.Tensor":
+        return torch.from_numpy(np.array(array, np.float32)).to(device=self.device, dtype=self.dtype)
 
     # -- memory --------------------------------------------------------------------------------
     def available_memory(self) -> int | None:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            return int(free) + int(cached) + self.pooled_bytes()  # pooled buffers are reused, not added to
+            return int(free) + int(cached) + self._free_bytes()  # released buffers are reused, not added to
         return super().available_memory()
 
     def close(self) -> None:
-        self._pools.clear()
+        self._free.clear()
 
 
 def _host_zeros(shape: tuple, dtype) -> "torch.Tensor":
@@ -397,10 +404,6 @@ def _host_zeros(shape: tuple, dtype) -> "torch.Tensor":
         return torch.zeros(shape, dtype=dtype, pin_memory=True)
     except RuntimeError:
         return torch.zeros(shape, dtype=dtype)
-
-
-def _round_up(n: int, step: int) -> int:
-    return max(step, -(-n // step) * step)
 
 
 def _device(device: str) -> "torch.device":

@@ -1,4 +1,7 @@
+from .generator import GenerationResult, Generator, Step
+from .kv import cache_bytes, plan_capacities
+from .runtime import Runtime, load
 from .sampling import GenerationConfig
-from .generator import GenerationResult, Runtime, Step, cache_bytes, load, plan_capacities
 
-__all__ = ["GenerationConfig", "GenerationResult", "Runtime", "Step", "cache_bytes", "load", "plan_capacities"]
+__all__ = ["GenerationConfig", "GenerationResult", "Generator", "Runtime", "Step", "cache_bytes", "load",
+           "plan_capacities"]

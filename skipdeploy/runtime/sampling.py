@@ -32,21 +32,23 @@ class GenerationConfig:
         return self.temperature > 0
 
     def validate(self, vocab_size: int) -> "GenerationConfig":
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, (int, np.integer)) \
-                or self.max_new_tokens < 1:
+        """Every knob in range, or an InputError naming it (never a numpy traceback later)."""
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1 (got {self.max_new_tokens!r})")
-        if not (isinstance(self.temperature, (int, float)) and np.isfinite(self.temperature)) or self.temperature < 0:
+        if not _is_number(self.temperature) or self.temperature < 0:
             raise InputError(f"temperature must be >= 0 (got {self.temperature!r}); 0 means greedy")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise InputError(f"top_k must be an integer >= 0 (got {self.top_k!r}); 0 means off")
-        if not 0 < self.top_p <= 1:
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1] (got {self.top_p!r}); 1 means off")
-        if not self.repetition_penalty > 0:
+        if not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0:
             raise InputError(f"repetition_penalty must be > 0 (got {self.repetition_penalty!r}); 1 means off")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise InputError(f"seed must be an integer in [0, 2**64) (got {self.seed!r})")
         for t in self.stop_token_ids:
-            if not 0 <= t < vocab_size:
+            if not _is_int(t) or not 0 <= t < vocab_size:
                 raise InputError(f"stop token id {t} is outside the vocabulary [0, {vocab_size})")
-        if any(not s for s in self.stop_strings):
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise InputError("stop strings must not be empty")
         return self
 
@@ -57,6 +59,14 @@ class GenerationConfig:
                 value = changes[key]
                 changes[key] = (value,) if isinstance(value, (str, int)) else tuple(value)
         return replace(self, **changes)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, (float, np.floating))) and bool(np.isfinite(value))
 
 
 class TokenPicker:
