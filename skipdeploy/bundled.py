@@ -30,20 +30,29 @@ def trained_decay_tokens(checkpoint: Path, default: int = 128) -> int:
     return int((info.get("schedule") or {}).get("decay_tokens") or default)
 
 
-def run_demo(workdir: Path | None, prompt: str | None, max_new_tokens: int, target_speedup: float,
-             echo: Callable[..., None]) -> dict:
-    """Export the bundled model, then complete ``prompt`` with the full and a SkipDecode schedule."""
+def run_demo(workdir: Path | None, prompt: str | None, max_new_tokens: int | None, target_speedup: float | None,
+             echo: Callable[..., None], random: bool = False) -> dict:
+    """Export the bundled model (or, with ``random`` or when it is absent, a random 8-layer one),
+    then complete ``prompt`` with the full schedule and a SkipDecode one, side by side."""
     from . import export
     from .runtime import load
     from .schedule import Schedule
 
-    checkpoint = bundled_model()
-    if checkpoint is None:
-        raise FileNotFoundError(ASSET)
-    prompt = prompt or DEFAULT_PROMPT
     workdir = workdir or Path(tempfile.mkdtemp(prefix="skipdeploy-demo-"))
+    checkpoint = None if random else bundled_model()
+    if checkpoint is not None:
+        prompt, max_new_tokens = prompt or DEFAULT_PROMPT, max_new_tokens or 64
+        target_speedup, knobs = target_speedup or 3.0, {"repetition_penalty": REPETITION_PENALTY}
+        decay = trained_decay_tokens(checkpoint)
+        echo(f"1/3 bundled model: OPT trained on Python's standard library, SkipDecode fine-tuned ({checkpoint})")
+    else:
+        from .random_checkpoint import make_checkpoint
+
+        prompt, max_new_tokens = prompt or "def greet(name):", max_new_tokens or 24
+        target_speedup, knobs, decay = target_speedup or 2.0, {}, max(1, max_new_tokens - 1)
+        checkpoint = make_checkpoint(workdir / "checkpoint", "small", weight_scale=3.0)
+        echo(f"1/3 random 8-layer OPT checkpoint (its text is noise; the layers saved are real) -> {checkpoint}")
     out = workdir / "export"
-    echo(f"1/3 bundled model: OPT trained on Python's standard library, SkipDecode fine-tuned ({checkpoint})")
     start = time.perf_counter()
     manifest = export(checkpoint, out, force=True, progress=False, log=lambda m: echo(f"    {m}"))
     spec = manifest.model
@@ -51,27 +60,29 @@ def run_demo(workdir: Path | None, prompt: str | None, max_new_tokens: int, targ
          f"{time.perf_counter() - start:.1f} s")
     runtime = load(out)
     L = spec.num_layers
-    skip = Schedule.target_speedup(L, target_speedup, decay_tokens=trained_decay_tokens(checkpoint))
-    echo(f"3/3 complete {prompt!r} ({max_new_tokens} new tokens, greedy, repetition penalty {REPETITION_PENALTY:g})")
+    skip = Schedule.target_speedup(L, target_speedup, decay_tokens=decay)
+    how = ", ".join(["greedy"] + [f"repetition penalty {v:g}" for v in knobs.values()])
+    echo(f"3/3 complete {prompt!r} ({max_new_tokens} new tokens, {how})")
     results = {}
     for label, sched in (("full", Schedule.full(L)), (f"skipdecode {target_speedup:g}x", skip)):
-        knobs = dict(schedule=sched, repetition_penalty=REPETITION_PENALTY)
-        runtime.generate_text([prompt], max_new_tokens, **knobs)  # warm-up
-        r = min((runtime.generate_text([prompt], max_new_tokens, **knobs) for _ in range(3)),
+        runtime.generate_text([prompt], max_new_tokens, schedule=sched, **knobs)  # warm-up
+        r = min((runtime.generate_text([prompt], max_new_tokens, schedule=sched, **knobs) for _ in range(3)),
                 key=lambda r: r.decode_seconds)
         results[label] = r
-        ms = 1e3 * r.decode_seconds / max(1, len(r.layers_per_step))
         echo(f"\n--- {label}: {r.mean_layers_per_token:.2f} of {L} layers per token "
-             f"(ideal speedup {r.ideal_speedup:.2f}x), {ms:.2f} ms/token")
+             f"(layer speedup {r.layer_speedup:.2f}x), {1e3 * _per_step(r):.2f} ms/token")
         echo(prompt + r.text[0])
     full, skipped = results.values()
-    speed = (full.decode_seconds / max(1, len(full.layers_per_step))) / \
-        (skipped.decode_seconds / max(1, len(skipped.layers_per_step)))
+    speed = _per_step(full) / _per_step(skipped)
     same = sum(a == b for a, b in zip(full.tokens[0], skipped.tokens[0])) / max(1, len(full.tokens[0]))
-    echo(f"\nlayers run per token: {full.mean_layers_per_token:.2f} -> {skipped.mean_layers_per_token:.2f}; "
-         f"measured decode speedup {speed:.2f}x (ideal {skipped.ideal_speedup:.2f}x); "
-         f"{100 * same:.0f}% of tokens identical to the full model's")
+    echo(f"\nlayers run per token: {full.mean_layers_per_token:.2f} -> {skipped.mean_layers_per_token:.2f} "
+         f"(layer speedup {skipped.layer_speedup:.2f}x); measured decode speedup {speed:.2f}x (the embedding and "
+         f"the LM head run at every step); {100 * same:.0f}% of tokens identical to the full model's")
     echo(f"schedule: {skip.describe()}")
     echo(f"next: skipdeploy generate {out} --prompt 'import os' --target-speedup {target_speedup:g} "
          f"--decay-tokens {skip.decay_tokens}")
     return {"export": out, "speedup": speed, "full": full, "skip": skipped}
+
+
+def _per_step(result) -> float:
+    return result.decode_seconds / max(1, len(result.layers_per_step))

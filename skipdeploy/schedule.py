@@ -14,8 +14,9 @@ the paper's description) and :class:`TableSchedule` (an explicit per-step table)
 from __future__ import annotations
 
 import math
+import warnings
 from fractions import Fraction
-from typing import Any
+from typing import Any, Callable
 
 from .errors import ScheduleError
 
@@ -81,9 +82,16 @@ class LayerSchedule:
             raise ScheduleError(f"steps must be >= 1 (got {steps})")
         return sum(self.count(s) for s in range(steps)) / steps
 
-    def ideal_speedup(self, steps: int | None = None) -> float:
-        """``num_layers`` over the mean layers run per step (decoder layers only, no embed or head)."""
+    def layer_speedup(self, steps: int | None = None) -> float:
+        """``num_layers`` over the mean layers run per step over steps ``0 .. steps-1`` (default:
+        the horizon); decoder layers only, no embed or head, every layer counted as equally costly."""
         return self.num_layers / self.mean_layers(steps or self.horizon)
+
+    def ideal_speedup(self, steps: int | None = None) -> float:
+        """Deprecated name of :meth:`layer_speedup` ("ideal speedup" is the multiply-add cost model
+        of ``skipdeploy.bench``)."""
+        warnings.warn("LayerSchedule.ideal_speedup() is renamed layer_speedup()", DeprecationWarning, stacklevel=2)
+        return self.layer_speedup(steps)
 
     @property
     def horizon(self) -> int:
@@ -145,34 +153,23 @@ class Schedule(LayerSchedule):
     @classmethod
     def target_speedup(cls, num_layers: int, speedup: float, decay_tokens: int = 64,
                        warmup_layers: int = 1, prompt: str = "full") -> "Schedule":
-        """Pick max/min layers so that the ideal speedup over ``decay_tokens`` steps is within 5%.
+        """Pick max/min layers so that the layer speedup over ``decay_tokens`` steps is within 5%.
 
         Among the pairs that qualify, the deepest start (largest ``max_layers``) wins, then the
-        closest figure; the achieved figure is ``schedule.ideal_speedup()``.
+        closest figure, then the largest ``min_layers``; the achieved figure is
+        ``schedule.layer_speedup()``. The search bisects (the figure only falls as either size
+        grows) over a closed form of the layer count, so it costs microseconds at any size.
         """
         if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not math.isfinite(speedup):
             raise ScheduleError(f"target speedup must be a number (got {speedup!r})")
         if speedup < 1:
             raise ScheduleError(f"target speedup must be >= 1 (got {speedup})")
         probe = cls(num_layers, decay_tokens=decay_tokens, warmup_layers=warmup_layers, prompt=prompt)
-        L, T = probe.num_layers, probe.decay_tokens
-        best: tuple[tuple[int, float], Schedule] | None = None
-        lo, hi = math.inf, 0.0
-        for max_layers in range(L, 0, -1):
-            for min_layers in range(max_layers, 0, -1):
-                cand = cls(L, max_layers, min_layers, T, warmup_layers, prompt)
-                achieved = cand.ideal_speedup(T)
-                lo, hi = min(lo, achieved), max(hi, achieved)
-                err = abs(achieved - speedup) / speedup
-                if err <= 0.05:
-                    key = (max_layers, -err)
-                    if best is None or key > best[0]:
-                        best = (key, cand)
-        if best is None:
-            raise ScheduleError(
-                f"target speedup {speedup:g}x is out of reach for {L} layers with {warmup_layers} "
-                f"warm-up layer(s) over {T} decay tokens: achievable range is {lo:.2f}x..{hi:.2f}x")
-        return best[1]
+        search = _LinearSearch(probe.num_layers, probe.decay_tokens, probe.warmup_layers, speedup)
+        found = search.best()
+        if found is None:
+            raise ScheduleError(search.out_of_reach())
+        return cls(probe.num_layers, found[0], found[1], probe.decay_tokens, probe.warmup_layers, prompt)
 
     def top(self, step: int) -> int:
         if step >= self.decay_tokens:
@@ -194,7 +191,7 @@ class Schedule(LayerSchedule):
             return f"full ({self.num_layers} layers every step)"
         return (f"linear: top block {self.max_layers} -> {self.min_layers} layers over "
                 f"{self.decay_tokens} tokens, {self.warmup_layers} warm-up layer(s), prompt {self.prompt}; "
-                f"ideal speedup {self.ideal_speedup():.2f}x")
+                f"layer speedup {self.layer_speedup():.2f}x")
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items() if k != "kind")
@@ -239,13 +236,167 @@ class TableSchedule(LayerSchedule):
     def describe(self) -> str:
         return (f"table of {len(self.tops)} steps ({self.tops[0]} -> {self.tops[-1]} top layers), "
                 f"{self.warmup_layers} warm-up layer(s), prompt {self.prompt}; "
-                f"ideal speedup {self.ideal_speedup():.2f}x")
+                f"layer speedup {self.layer_speedup():.2f}x")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LayerSchedule) and self.to_dict() == other.to_dict()
 
     def __hash__(self) -> int:
         return hash(repr(self.to_dict()))
+
+
+TARGET_TOLERANCE = 0.05  # relative distance from the target that ``Schedule.target_speedup`` accepts
+
+
+def _floor_sum(n: int, m: int, a: int, b: int) -> int:
+    """``sum(floor((a * i + b) / m) for i in range(n))`` for ``n, a, b >= 0, m >= 1``, in O(log) steps."""
+    total = 0
+    while True:
+        if a >= m:
+            total += n * (n - 1) // 2 * (a // m)
+            a %= m
+        if b >= m:
+            total += n * (b // m)
+            b %= m
+        y_max = a * n + b
+        if y_max < m:
+            return total
+        n, b = divmod(y_max, m)
+        m, a = a, m
+
+
+def _linear_layer_sum(num_layers: int, warmup_layers: int, decay_tokens: int, max_layers: int,
+                      min_layers: int) -> int:
+    """``sum(count(s) for s in range(decay_tokens))`` of ``Schedule(num_layers, max_layers,
+    min_layers, decay_tokens, warmup_layers)``, in closed form.
+
+    For ``s < T``: ``top(s) = max - floor((2 d s + T - 1) / 2T)`` with ``d = max - min`` (round
+    half up of ``max - d s / T``), and ``count(s) = min(L, w + top(s))``. ``top`` falls with ``s``,
+    so the steps clipped to ``L`` are the first ``s0``: those with ``floor(...) < max - (L - w)``.
+    """
+    L, w, T = num_layers, warmup_layers, decay_tokens
+    d = max_layers - min_layers
+    r = max_layers - (L - w)
+    if r <= 0:
+        s0 = 0
+    elif d == 0:
+        s0 = T
+    else:  # floor((2ds + T - 1) / 2T) < r  <=>  s < (2Tr - T + 1) / 2d
+        s0 = min(T, -(-(2 * T * r - T + 1) // (2 * d)))
+    drops = _floor_sum(T, 2 * T, 2 * d, T - 1) - _floor_sum(s0, 2 * T, 2 * d, T - 1)
+    return s0 * L + (T - s0) * (w + max_layers) - drops
+
+
+def _last_true(lo: int, hi: int, pred: Callable[[int], bool]) -> int:
+    """The largest ``x`` in ``[lo, hi]`` with ``pred(x)``, for ``pred`` true on a prefix; ``lo - 1`` if none."""
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            lo = mid + 1
+        else:
+            hi = mid - 1
+    return hi
+
+
+class _LinearSearch:
+    """``Schedule.target_speedup``'s search over (max_layers, min_layers) pairs.
+
+    It picks what the exhaustive double loop (max_layers from L down, min_layers from max_layers
+    down, keeping the first strictly better ``(max_layers, -error)``) would pick, without the loop:
+    the layer count of every step grows (weakly) with either size, so the figure ``L / (sum / T)``
+    falls with either, and so does every float computed from it. For one ``max_layers`` the
+    figures at or above the target are a prefix of ``min_layers = 1, 2, ...`` and the best pair
+    sits at the edge of that prefix; whole ranges of ``max_layers`` are skipped by bisection.
+    """
+
+    def __init__(self, num_layers: int, decay_tokens: int, warmup_layers: int, target: float) -> None:
+        self.L, self.T, self.w, self.k = num_layers, decay_tokens, warmup_layers, target
+
+    def speedup(self, max_layers: int, min_layers: int) -> float:
+        # The same float expression as layer_speedup(T): num_layers / (sum of counts / steps).
+        return self.L / (_linear_layer_sum(self.L, self.w, self.T, max_layers, min_layers) / self.T)
+
+    def error(self, max_layers: int, min_layers: int) -> float:
+        return abs(self.speedup(max_layers, min_layers) - self.k) / self.k
+
+    def _split(self, max_layers: int) -> int:
+        """The largest ``min_layers`` whose figure is >= the target (0 if none)."""
+        return _last_true(1, max_layers, lambda m: self.speedup(max_layers, m) >= self.k)
+
+    def _deepest(self) -> int:
+        """The largest ``max_layers`` whose fastest pair (``min_layers=1``) is not too slow; every
+        deeper start is too slow at every ``min_layers``."""
+        def fast_enough(max_layers: int) -> bool:
+            return self.speedup(max_layers, 1) >= self.k or self.error(max_layers, 1) <= TARGET_TOLERANCE
+        return _last_true(1, self.L, fast_enough)
+
+    def _best_for(self, max_layers: int) -> tuple[float, int]:
+        """(error, min_layers) of the closest figure at this ``max_layers``, the largest
+        ``min_layers`` on a tie (the one the double loop meets first)."""
+        p = self._split(max_layers)
+        best: tuple[float, int] | None = None
+        if p >= 1:  # errors fall as min_layers rises towards p
+            best = (self.error(max_layers, p), p)
+        if p < max_layers:  # errors rise from p + 1 on; the last equal to the first ties
+            first = self.error(max_layers, p + 1)
+            q = _last_true(p + 1, max_layers, lambda m: self.error(max_layers, m) <= first)
+            if best is None or first <= best[0]:
+                best = (first, q)
+        assert best is not None
+        return best
+
+    def best(self) -> tuple[int, int] | None:
+        """(max_layers, min_layers) of the chosen schedule, or None when none is within 5%."""
+        for max_layers in range(self._deepest(), 0, -1):
+            err, min_layers = self._best_for(max_layers)
+            if err <= TARGET_TOLERANCE:
+                return max_layers, min_layers
+            if self.speedup(max_layers, max_layers) >= self.k:
+                return None  # too fast at every min_layers, and shallower starts are faster still
+        return None
+
+    def nearest(self) -> tuple[tuple[float, int, int] | None, tuple[float, int, int] | None]:
+        """The (figure, max_layers, min_layers) closest to the target from below and from above
+        (the deepest such pair on a tie; None when no figure lies on that side)."""
+        below: tuple[float, int, int] | None = None
+        above: tuple[float, int, int] | None = None
+
+        def offer(max_layers: int, min_layers: int) -> None:
+            nonlocal below, above
+            figure = self.speedup(max_layers, min_layers)
+            if figure >= self.k:
+                if above is None or figure < above[0]:
+                    above = (figure, max_layers, min_layers)
+            elif below is None or figure > below[0]:
+                below = (figure, max_layers, min_layers)
+
+        deepest = self._deepest()
+        if deepest < self.L:  # deeper starts are all below; the fastest of them is this one
+            offer(deepest + 1, 1)
+        for max_layers in range(deepest, 0, -1):
+            p = self._split(max_layers)
+            if p >= 1:
+                offer(max_layers, p)
+            if p < max_layers:
+                offer(max_layers, p + 1)
+            else:  # every figure here is above, and shallower starts are faster still
+                break
+        return below, above
+
+    def out_of_reach(self) -> str:
+        below, above = self.nearest()
+        setup = f"for {self.L} layers with {self.w} warm-up layer(s) over {self.T} decay tokens"
+
+        def pair(found: tuple[float, int, int]) -> str:
+            return f"{found[0]:.2f}x (max_layers={found[1]}, min_layers={found[2]})"
+
+        if above is None:  # faster than the fastest schedule
+            advice = "; use fewer --warmup-layers to go faster" if self.w else ""
+            return (f"target speedup {self.k:g}x is out of reach {setup}: the fastest schedule gives "
+                    f"{pair(below)}{advice}")
+        nearest = " and ".join(pair(found) for found in (below, above) if found is not None)
+        return (f"target speedup {self.k:g}x is not reachable within 5% {setup}: the nearest schedules give "
+                f"{nearest}; pass one of those or change --decay-tokens/--warmup-layers")
 
 
 def format_layers(layers: tuple[int, ...]) -> str:

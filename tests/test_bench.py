@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import skipdeploy
 from skipdeploy import Schedule
-from skipdeploy.bench import (agreement, bandwidth_probe, cost_model, format_table, ideal_speedup, run_bench,
-                              step_macs)
+from skipdeploy.bench import (BenchError, agreement, bandwidth_probe, bytes_per_second, cost_model,
+                              cost_model_speedup, format_table, probe_shape, probe_weight, run_bench, step_macs,
+                              weight_bytes)
 from skipdeploy.cli import main
-from skipdeploy.errors import BackendError, ExportError, InputError
+from skipdeploy.errors import BackendError, ExportError, InputError, SkipDeployError
 from skipdeploy.exporter.quantize import quantize_export
 from skipdeploy.manifest import ModelSpec, read_manifest
 
@@ -36,10 +38,10 @@ def test_cost_model_of_an_opt_125m_shape():
     assert c["layer"] == 4 * 768 * 768 + 2 * 768 * 3072 == 7_077_888
     assert c["head"] == 768 * 50272 and c["embed"] == 0
     assert step_macs(OPT_125M, 12, 10) == 12 * (c["layer"] + 10 * 2 * 768) + c["head"]
-    assert ideal_speedup(OPT_125M, Schedule.full(12), 32, 64) == 1.0
+    assert cost_model_speedup(OPT_125M, Schedule.full(12), 32, 64) == 1.0
     # Half the layers is not half the work: the head is ~5.5 layers' worth.
     half = Schedule(12, 6, 6, decay_tokens=1, warmup_layers=0)
-    assert 1.50 < ideal_speedup(OPT_125M, half, 32, 64) < 1.56
+    assert 1.50 < cost_model_speedup(OPT_125M, half, 32, 64) < 1.56
     # project_in/project_out (opt-350m) are counted in embed and head.
     post = ModelSpec(**{**OPT_125M.__dict__, "word_embed_proj_dim": 512})
     assert cost_model(post)["embed"] == 768 * 512 and cost_model(post)["head"] == 512 * 50272 + 768 * 512
@@ -50,6 +52,7 @@ def test_agreement_counts_positions_prefixes_and_rows():
         {"positions_equal": 5 / 6, "prefix_before_first_difference": (1 + 1 / 3) / 2, "rows_equal": 0.5})
 
 
+@pytest.mark.slow
 def test_bench_rows_ratios_and_hf_baseline(exports, checkpoints):
     results = run_bench(exports["tiny"], batch_sizes=[1, 2], target_speedups=[2], prompt_length=4, new_tokens=5,
                         repeats=2, warmup=0, threads=1, checkpoint=str(checkpoints["tiny"]), memory=False,
@@ -57,7 +60,7 @@ def test_bench_rows_ratios_and_hf_baseline(exports, checkpoints):
     json.dumps(results)  # serializable as written by --json
     rows = {(r["batch"], r["contender"]): r for r in results["rows"]}
     assert set(rows) == {(b, c) for b in (1, 2) for c in ("full", "skip 2x", "hf generate")}
-    skip_schedule = Schedule.target_speedup(4, 2.0, decay_tokens=5)
+    skip_schedule = Schedule.target_speedup(4, 2.0, decay_tokens=4)  # the 4 decode steps of 5 new tokens
     for batch in (1, 2):
         full, skip, hf = rows[batch, "full"], rows[batch, "skip 2x"], rows[batch, "hf generate"]
         for row in (full, skip, hf):
@@ -65,13 +68,13 @@ def test_bench_rows_ratios_and_hf_baseline(exports, checkpoints):
             assert 0 < ms["median"] <= ms["p99"] and ms["p90"] <= ms["p99"]
             assert row["tokens_per_s"] > 0 and row["ttft_ms"] > 0 and len(row["runs"]) == 2
             assert row["vs_hf"] > 0
-        assert full["speedup_vs_full"] == 1.0 and full["ideal_speedup"] == 1.0 and hf["vs_hf"] == 1.0
+        assert full["speedup_vs_full"] == 1.0 and full["cost_model_speedup"] == 1.0 and hf["vs_hf"] == 1.0
         assert skip["schedule"] == skip_schedule.to_dict()
         assert skip["layers_per_token"] == pytest.approx(np.mean([skip_schedule.count(s) for s in range(4)]))
-        assert skip["ideal_speedup"] == pytest.approx(ideal_speedup(read_manifest(exports["tiny"]).model,
-                                                                    skip_schedule, 4, 5))
-        assert 1 < skip["ideal_speedup"] < skip["ideal_speedup_layers"]
-        assert skip["fraction_of_ideal"] == pytest.approx(skip["speedup_vs_full"] / skip["ideal_speedup"])
+        assert skip["cost_model_speedup"] == pytest.approx(cost_model_speedup(read_manifest(exports["tiny"]).model,
+                                                                              skip_schedule, 4, 5))
+        assert 1 < skip["cost_model_speedup"] < skip["layer_speedup"]
+        assert skip["fraction_of_cost_model"] == pytest.approx(skip["speedup_vs_full"] / skip["cost_model_speedup"])
         assert skip["bytes_per_token"] < full["bytes_per_token"]
         assert hf["speedup_vs_full"] is None and hf["bytes_per_token"] is None
         samples = results["bandwidth_bytes_per_s"][str(batch)]  # one probe after each round
@@ -92,17 +95,18 @@ def test_bench_rows_ratios_and_hf_baseline(exports, checkpoints):
         assert ("other work shared the machine" in format_table(results)) is noted
 
 
-def test_bench_cli_with_int8_json_plot_and_memory(exports, int8_export, tmp_path):
+@pytest.mark.slow
+def test_bench_cli_with_int8_output_plot_and_memory(exports, int8_export, tmp_path):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     result = CliRunner().invoke(main, [
-        "bench", str(exports["tiny"]), "--batch-sizes", "2", "--target-speedups", "2", "--prompt-length", "3",
-        "--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--threads", "1", "--no-hf", "--no-bandwidth",
-        "--quantize", "int8", "--int8-export", str(int8_export), "--json", str(out_json), "--plot", str(out_png)])
+        "bench", str(exports["tiny"]), "--batch-sizes", "2", "--target-speedup", "2", "--prompt-length", "3",
+        "--max-new-tokens", "4", "--repeats", "1", "--warmup", "0", "--threads", "1", "--no-hf", "--no-bandwidth",
+        "--quantize", "int8", "--int8-export", str(int8_export), "--output", str(out_json), "--plot", str(out_png)])
     assert result.exit_code == 0, result.output
     data = json.loads(out_json.read_text())
     assert [r["contender"] for r in data["rows"]] == ["full", "skip 2x", "int8 full"]
     int8 = data["rows"][2]
-    assert int8["export"] == "int8" and int8["speedup_vs_full"] > 0 and int8["ideal_speedup"] is None
+    assert int8["export"] == "int8" and int8["speedup_vs_full"] > 0 and int8["cost_model_speedup"] is None
     assert int8["bytes_per_token"] < data["rows"][0]["bytes_per_token"]
     assert [a["contender"] for a in data["agreement"]] == ["int8 full"]
     assert {(m["export"], m["batch"]) for m in data["memory"]} == {("float32", 2), ("int8", 2)}
@@ -110,7 +114,7 @@ def test_bench_cli_with_int8_json_plot_and_memory(exports, int8_export, tmp_path
         assert m["peak_rss_bytes"] > m["weights_bytes"] > 0 and m["kv_cache_bytes"] > 0
         assert m["budget_bytes"] == m["weights_bytes"] + m["kv_cache_bytes"] + 300_000_000
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "int8 full" in result.output and "memory float32, batch 2" in result.output
+    assert "int8 full" in result.stdout and "memory float32, batch 2" in result.stdout and data["errors"] == []
 
 
 def test_bench_refuses_bad_options(exports, int8_export):
@@ -126,9 +130,84 @@ def test_bench_refuses_bad_options(exports, int8_export):
     assert result.exit_code == 1 and "comma-separated" in result.output
 
 
-def test_bandwidth_probe_measures_bytes_per_second():
-    measure = bandwidth_probe(1, nbytes=4 << 20)
-    assert measure(2) > 1e8
+def test_bandwidth_probe_arithmetic_and_its_matmul():
+    """No timing assertion: the probe's clock is replaced, so bytes/s is exact arithmetic."""
+    assert probe_shape(4 << 20) == (8192, 128) and probe_shape(1) == (8192, 1)
+    assert bytes_per_second(10, [0.5, 0.25, 1.0]) == 40.0  # the fastest run
+    probe = bandwidth_probe(1, nbytes=4 << 20)
+    assert probe.shape == (8192, 128) and probe.nbytes == 4 * 8192 * 128
+    ticks = iter([10.0, 10.5, 20.0, 20.25, 30.0, 31.0])  # runs of 0.5, 0.25 and 1 s
+    probe.clock = lambda: next(ticks)
+    assert probe(3) == 4 * 8192 * 128 / 0.25
+    # The session really reads the matrix: its product is numpy's with the probe's weight.
+    x = np.random.default_rng(1).standard_normal((1, 8192)).astype(np.float32)
+    want = x.astype(np.float64) @ probe_weight(8192, 128).astype(np.float64)
+    np.testing.assert_allclose(probe.multiply(x), want, rtol=1e-4, atol=1e-3)
+
+
+QUICK = ["--batch-sizes", "1", "--prompt-length", "2", "--max-new-tokens", "3", "--repeats", "1", "--warmup", "0",
+         "--threads", "1", "--no-hf", "--no-bandwidth"]
+
+
+def test_bench_flags_old_spellings_and_help():
+    from skipdeploy.cli.bench import command
+
+    shown = CliRunner().invoke(main, ["bench", "--help"]).output
+    assert "--max-new-tokens" in shown and "--target-speedup K,K" in shown and "--output FILE" in shown
+    assert "--new-tokens" not in shown and "--target-speedups" not in shown and "--json " in shown
+    assert all(p.help for p in command.params if isinstance(p, click.Option))
+    assert CliRunner().invoke(main, ["bench", "x", "--threads", "0"]).exit_code == 2
+
+
+def test_bench_old_flag_spellings_still_parse(exports):
+    old = CliRunner().invoke(main, ["bench", str(exports["tiny"]), "--new-tokens", "1"])
+    assert old.exit_code == 1 and "new tokens must be >= 2" in old.output
+    old = CliRunner().invoke(main, ["bench", str(exports["tiny"]), "--target-speedups", "2,1"])
+    assert old.exit_code == 1 and "target speedups must be > 1 (got 1)" in old.output
+
+
+def test_bench_json_prints_the_results_instead_of_the_table(exports):
+    result = CliRunner().invoke(main, ["bench", str(exports["tiny"]), *QUICK, "--target-speedup", "", "--no-memory",
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [r["contender"] for r in data["rows"]] == ["full"] and data["errors"] == [] and data["memory"] == []
+    assert data["config"]["new_tokens"] == 3 and data["config"]["target_speedups"] == []
+
+
+def test_a_failed_memory_probe_fails_bench_after_printing_the_table(exports, tmp_path, monkeypatch):
+    import skipdeploy.bench.run as bench_run
+
+    def failing_probe(*args, **kwargs):
+        raise SkipDeployError("memory probe failed: ManifestError: boom")
+
+    monkeypatch.setattr(bench_run, "memory_in_subprocess", failing_probe)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", str(exports["tiny"]), *QUICK, "--target-speedup", "2",
+                                       "--output", str(out)])
+    message = "float32 export, batch 1: memory probe failed: ManifestError: boom"
+    assert result.exit_code == 1 and result.stderr.strip().splitlines()[-1] == f"Error: {message}"
+    assert "skip 2x" in result.stdout and f"error: {message}" in result.stdout  # the table, with the error
+    data = json.loads(out.read_text())
+    assert data["memory"] == [] and data["errors"] == [message] and len(data["rows"]) == 2
+    with pytest.raises(BenchError, match="boom") as raised:  # the library raises too, results attached
+        run_bench(exports["tiny"], batch_sizes=[1, 2], target_speedups=[], prompt_length=2, new_tokens=2,
+                  repeats=1, warmup=0, threads=1, hf=False, bandwidth=False, progress=False)
+    assert str(raised.value).endswith("boom (and 1 more)") and len(raised.value.results["rows"]) == 2
+
+
+@pytest.mark.slow
+def test_bench_memory_probe_with_a_relative_export_path(exports, monkeypatch):
+    """The probe's process runs in another directory: a relative path must still name the export."""
+    monkeypatch.chdir(exports["tiny"].parent)
+    result = CliRunner().invoke(main, ["bench", exports["tiny"].name, *QUICK, "--target-speedup", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    [m] = data["memory"]
+    assert (m["export"], m["batch"]) == ("float32", 1) and data["errors"] == []
+    assert m["weights_bytes"] == weight_bytes(read_manifest(exports["tiny"]))
+    assert m["peak_rss_bytes"] > m["weights_bytes"] and m["kv_cache_bytes"] > 0
+    assert m["budget_bytes"] == m["weights_bytes"] + m["kv_cache_bytes"] + 300_000_000
 
 
 def test_int8_export_runs_on_onnxruntime_and_is_recorded(exports, int8_export):

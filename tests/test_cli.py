@@ -25,6 +25,64 @@ def test_help_lists_every_command():
         assert run(command, "--help").exit_code == 0
 
 
+def test_front_page_names_demo_and_every_option_has_help():
+    import click
+
+    from skipdeploy.cli import main
+
+    assert "skipdeploy demo" in run("--help").output
+    for name, command in main.commands.items():
+        assert command.help, name
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.help:
+                pytest.fail(f"{name} {param.opts} has no help text")
+    # One flag name for one thing: the number of tokens to generate is --max-new-tokens everywhere.
+    for name in ("generate", "verify", "bench", "eval", "demo"):
+        assert "--max-new-tokens" in run(name, "--help").output, name
+
+
+def test_stop_escapes_stream_json_and_the_target_met_over_this_generation(exports):
+    from skipdeploy.cli.options import unescape
+
+    assert unescape(r"\n\n") == "\n\n" and unescape(r"a\tb") == "a\tb" and unescape("é") == "é"
+    lines = run("generate", exports["tiny"], "--prompt", "for i in", "--max-new-tokens", "5", "--stream", "--json")
+    assert lines.exit_code == 0, lines.output
+    *steps, final = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert [s["token"] for s in steps] == final["tokens"][0] and "".join(s["text"] for s in steps) == final["text"][0]
+    # --decay-tokens defaults to the decode steps of this generation: the target is met over them.
+    met = json.loads(run("generate", exports["tiny"], "--input-ids", "2,5,6", "--max-new-tokens", "9",
+                         "--target-speedup", "1.6", "--json").stdout)
+    assert len(met["layers_per_step"]) == 8 and abs(met["layer_speedup"] - 1.6) <= 0.05 * 1.6
+
+
+def test_partial_schedule_flags_modify_the_default(checkpoints, tmp_path):
+    out_dir = tmp_path / "exp"
+    assert run("export", checkpoints["tiny"], "--out", out_dir, "--max-layers", "3", "--min-layers", "1",
+               "--decay-tokens", "4").exit_code == 0
+    base = json.loads(run("generate", out_dir, "--input-ids", "2,5", "--max-new-tokens", "6", "--json").stdout)
+    assert base["schedule"]["max_layers"] == 3 and base["schedule"]["decay_tokens"] == 4
+    changed = json.loads(run("generate", out_dir, "--input-ids", "2,5", "--max-new-tokens", "6", "--warmup-layers",
+                             "2", "--prompt-layers", "schedule", "--json").stdout)["schedule"]
+    assert changed == {**base["schedule"], "warmup_layers": 2, "prompt": "schedule"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--seed", "-1", "--temperature", "1"), "seed must be an integer in [0, 2**64)"),
+    (("--temperature", "nan"), "temperature must be >= 0"),
+    (("--top-p", "1.5", "--temperature", "1"), "top_p must be in (0, 1]"),
+])
+def test_bad_knob_values_are_one_line(exports, args, message):
+    result = run("generate", exports["tiny"], "--input-ids", "2,5", *args)
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_out_of_range_counts_are_usage_errors(exports):
+    for args in (("--threads", "0"), ("--threads", "-1"), ("--max-new-tokens", "0")):
+        result = run("generate", exports["tiny"], "--input-ids", "2,5", *args)
+        assert result.exit_code == 2 and "Traceback" not in result.output, args
+
+
 def test_export_inspect_generate_json(checkpoints, tmp_path):
     out_dir = tmp_path / "exp"
     result = run("export", checkpoints["tiny"], "--out", out_dir, "--target-speedup", "1.5", "--decay-tokens", "8")
@@ -56,7 +114,7 @@ def test_generate_plain_and_stream(exports):
 
 def test_schedule_command(tmp_path):
     result = run("schedule", "--layers", "12", "--target-speedup", "2", "--decay-tokens", "16")
-    assert result.exit_code == 0 and "ideal speedup" in result.output
+    assert result.exit_code == 0 and "layer speedup" in result.output
     data = json.loads(run("schedule", "--layers", "12", "--max-layers", "8", "--min-layers", "2",
                           "--decay-tokens", "6", "--json").output)
     assert data["steps"][0]["layers"] == [0, 4, 5, 6, 7, 8, 9, 10, 11]
@@ -90,6 +148,7 @@ def test_generate_errors(exports):
     assert usage.exit_code == 2
 
 
+@pytest.mark.slow
 def test_non_opt_checkpoint_from_the_real_entry_point(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -101,6 +101,9 @@ def test_stream_yields_each_step_and_returns_the_result(runtimes):
     (dict(stop_token_ids=[10**6]), "stop token id 1000000 is outside"),
     (dict(stop_strings=[""]), "stop strings must not be empty"),
     (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+    (dict(seed=-1, temperature=1.0), r"seed must be an integer in \[0, 2\*\*64\)"),
+    (dict(top_p="high", temperature=1.0), "top_p must be in"),
+    (dict(temperatur=1.0), "unknown generation argument"),
 ])
 def test_bad_knobs(runtimes, kwargs, match):
     with pytest.raises(InputError, match=match):

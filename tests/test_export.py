@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+import threading
 
 import numpy as np
 import onnx
@@ -146,3 +148,58 @@ def test_fp16_export_runs_close_to_fp32(checkpoints, exports, tmp_path):
     a = skipdeploy.load(m.directory).generate(prompts, 4, output_logits=True)
     b = skipdeploy.load(exports["tiny"]).generate(prompts, 4, output_logits=True)
     assert np.abs(a.logits[0] - b.logits[0]).max() < 5e-2
+
+
+def test_export_quantize_writes_the_int8_export_under_one_lock(checkpoints, tmp_path):
+    """export(quantize="int8") writes OUT through quantize_export while holding OUT's lock itself:
+    the nested staging takes the lock again (same thread) instead of refusing its own export."""
+    handler = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "int8"
+    m = skipdeploy.export(checkpoints["tiny"], out, quantize="int8", progress=False, log=lambda m: None)
+    assert m.directory == out and m.raw["quantization"]["weights"] == "int8"
+    assert m.raw["quantization"]["source"] is None
+    assert read_manifest(out, verify=True).model.num_layers == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["int8"], "partial or lock files left behind"
+    assert signal.getsignal(signal.SIGTERM) == handler, "the SIGTERM handler was not restored"
+
+
+def test_staging_lock_refuses_other_threads_and_rechecks_the_output(tmp_path):
+    import os
+
+    from skipdeploy.exporter.staging import lock_file, move_into_place, staging_directory
+
+    out = tmp_path / "out"
+    refused = []
+
+    def other():
+        try:
+            with staging_directory(out):
+                pass
+        except ExportError as exc:
+            refused.append(str(exc))
+
+    with staging_directory(out) as tmp:
+        assert lock_file(out).is_file()
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(timeout=30)
+        assert refused == [f"{out} is being written by another export (process {os.getpid()}); "
+                           "wait for it to finish or write to another directory"]
+        with staging_directory(out) as inner:  # the same thread again: re-entrant (export --quantize)
+            (inner / "x").write_text("inner")
+            move_into_place(inner, out)
+        (tmp / "y").write_text("outer")
+        move_into_place(tmp, out)
+    assert [p.name for p in out.iterdir()] == ["y"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"], "partial or lock files left behind"
+    # "out exists" is checked again under the lock: a directory that appeared after the caller's
+    # own check is refused, not replaced.
+    with pytest.raises(ExportError, match="already exists"):
+        with staging_directory(out):
+            pass
+    (tmp_path / ".out.old-0123abcd").mkdir()  # a replaced export a killed run did not delete
+    with staging_directory(out, force=True) as tmp:
+        assert not (tmp_path / ".out.old-0123abcd").exists()
+        (tmp / "z").write_text("forced")
+        move_into_place(tmp, out)
+    assert [p.name for p in out.iterdir()] == ["z"] and [p.name for p in tmp_path.iterdir()] == ["out"]

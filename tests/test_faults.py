@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import skipdeploy
 from skipdeploy import Schedule
 from skipdeploy.cli import main
-from skipdeploy.errors import CapacityError, ManifestError, NumericalError
+from skipdeploy.errors import CapacityError, ExportError, ManifestError, NumericalError
 
 from .conftest import PROMPTS, edited_export, with_nan_column
 
@@ -61,6 +61,7 @@ def test_cli_empty_prompt_and_empty_ids(exports):
         assert result.exit_code == 1 and "empty" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_killed_export_leaves_nothing_accepted_and_rerun_succeeds(checkpoints, tmp_path):
     out = tmp_path / "killed"
     code = (f"import skipdeploy, time\n"
@@ -89,6 +90,101 @@ def test_killed_export_leaves_nothing_accepted_and_rerun_succeeds(checkpoints, t
     skipdeploy.export(checkpoints["tiny"], out, progress=False, log=lambda m: None)
     assert skipdeploy.load(out).generate([[2, 3]], 2).tokens
     assert not list(tmp_path.glob(".killed.partial-*")), "the stale partial export was not cleaned up"
+
+
+
+def _paused_export(checkpoint, out, pause):
+    """A process exporting ``checkpoint`` to ``out`` that prints 'written' once layer_01.onnx is
+    staged, then runs ``pause`` (Python source) before going on."""
+    code = (f"import sys, time\n"
+            f"import skipdeploy\n"
+            f"import skipdeploy.exporter.export as e\n"
+            f"orig = e._save\n"
+            f"def slow(proto, path):\n"
+            f"    orig(proto, path)\n"
+            f"    if path.name == 'layer_01.onnx':\n"
+            f"        print('written', flush=True); {pause}\n"
+            f"e._save = slow\n"
+            f"skipdeploy.export({str(checkpoint)!r}, {str(out)!r}, progress=False, log=lambda m: None)\n"
+            f"print('exported', flush=True)\n")
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_sigterm_during_export_removes_the_partial_directory(checkpoints, tmp_path):
+    out = tmp_path / "terminated"
+    proc = _paused_export(checkpoints["tiny"], out, "time.sleep(60)")
+    try:
+        assert proc.stdout.readline().strip() == "written"
+        assert len(list(tmp_path.glob(".terminated.partial-*"))) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM  # cleaned up, then exited
+    finally:
+        _stop(proc)
+    assert list(tmp_path.iterdir()) == [], "the export left files behind on SIGTERM"
+
+
+@pytest.mark.slow
+def test_second_export_to_the_same_directory_is_refused(checkpoints, exports, tmp_path):
+    """Two exports to one --out: while the first writes it, the second (export, quantize, CLI) is
+    refused by name and leaves nothing; the first then completes undisturbed."""
+    out = tmp_path / "shared"
+    proc = _paused_export(checkpoints["tiny"], out, "sys.stdin.readline()")
+    try:
+        assert proc.stdout.readline().strip() == "written"
+        busy = f"{out} is being written by another export \\(process {proc.pid}\\)"
+        with pytest.raises(ExportError, match=busy):
+            skipdeploy.export(checkpoints["tiny"], out, progress=False, log=lambda m: None)
+        with pytest.raises(ExportError, match=busy):
+            skipdeploy.export(checkpoints["tiny"], out, force=True, progress=False, log=lambda m: None)
+        with pytest.raises(ExportError, match=busy):
+            skipdeploy.quantize(exports["tiny"], out, progress=False, log=lambda m: None)
+        result = CliRunner().invoke(main, ["export", str(checkpoints["tiny"]), "--out", str(out)])
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert result.output.strip().splitlines()[-1] == f"Error: {out} is being written by another export " \
+            f"(process {proc.pid}); wait for it to finish or write to another directory"
+        assert not out.exists() and len(list(tmp_path.glob(".shared.partial-*"))) == 1
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "exported"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        _stop(proc)
+    assert skipdeploy.load(out).generate([[2, 3]], 2).tokens
+    assert [p.name for p in tmp_path.iterdir()] == ["shared"], "partial or lock files left behind"
+    with pytest.raises(ExportError, match="already exists"):
+        skipdeploy.export(checkpoints["tiny"], out, progress=False, log=lambda m: None)
+
+
+@pytest.mark.slow
+def test_concurrent_exports_exactly_one_succeeds(checkpoints, tmp_path):
+    """Two unsynchronised export processes to one directory: one exports, the other is refused."""
+    out = tmp_path / "race"
+    code = (f"import skipdeploy\n"
+            f"from skipdeploy.errors import ExportError\n"
+            f"try:\n"
+            f"    skipdeploy.export({str(checkpoints['tiny'])!r}, {str(out)!r}, progress=False, log=lambda m: None)\n"
+            f"except ExportError as exc:\n"
+            f"    print('refused:', exc); raise SystemExit(3)\n"
+            f"print('exported')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            _stop(proc)
+    codes = sorted(proc.returncode for proc in procs)
+    assert codes == [0, 3], outputs
+    refused = next(o for o in outputs if o.startswith("refused:"))
+    assert "is being written by another export" in refused or "already exists" in refused
+    assert skipdeploy.load(out).generate([[2, 3]], 2).tokens
+    assert [p.name for p in tmp_path.iterdir()] == ["race"]
 
 
 def test_one_runtime_from_four_threads(exports):

@@ -509,6 +509,7 @@ def test_tensorrt_prompt_beyond_profile_is_one_line(trt_export):
 
 
 # -- the GPU check script, smoke-tested on the CPU (a GPU session gets one try at it) ------------------------
+@pytest.mark.slow
 def test_gpu_check_script_parses_and_its_benchmark_runs_on_cpu(tmp_path):
     import os
     import subprocess

@@ -4,6 +4,7 @@ batches, prompt lengths and schedules."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +31,7 @@ def cases(draw):
     return model, schedule, prompts, draw(st.integers(1, 6)), draw(st.integers(0, 10**6))
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cases())
 def test_runtime_matches_torch_backend(tmp_path_factory, case):

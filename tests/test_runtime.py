@@ -168,6 +168,7 @@ def test_text_round_trip(runtimes):
     assert len(out.text) == 2 and all(isinstance(t, str) for t in out.text)
 
 
+@pytest.mark.slow
 def test_runtime_core_never_imports_torch_or_transformers(exports):
     code = textwrap.dedent(f"""
         import sys
@@ -186,3 +187,21 @@ def test_runtime_core_never_imports_torch_or_transformers(exports):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(memory_limit=-5), "memory_limit must be a number of bytes >= 1"),
+    (dict(threads=0), "threads must be an integer >= 1"),
+])
+def test_bad_load_options_are_input_errors(exports, options, match):
+    import skipdeploy
+
+    with pytest.raises(skipdeploy.InputError, match=match):
+        skipdeploy.load(exports["tiny"], **options)
+
+
+def test_load_verify_keyword_still_works_with_a_warning(exports):
+    import skipdeploy
+
+    with pytest.warns(DeprecationWarning, match="check_files"):
+        assert skipdeploy.load(exports["tiny"], verify=False).generate([[2, 5]], 2).tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
@@ -44,7 +45,7 @@ def test_overlap_of_warmup_and_top_block_counts_once():
 def test_full_schedule_runs_everything():
     s = Schedule.full(7)
     assert all(s.layers(i) == tuple(range(7)) for i in range(20))
-    assert s.is_full() and s.ideal_speedup() == 1.0
+    assert s.is_full() and s.layer_speedup() == 1.0
 
 
 def test_warmup_zero_and_prompt_modes():
@@ -76,7 +77,7 @@ def test_target_speedup_within_five_percent(layers, k):
     s = Schedule.target_speedup(layers, k, decay_tokens=32)
     mean = sum(len(s.layers(i)) for i in range(32)) / 32
     assert abs(layers / mean - k) / k <= 0.05
-    assert s.ideal_speedup(32) == pytest.approx(layers / mean)
+    assert s.layer_speedup(32) == pytest.approx(layers / mean)
 
 
 def test_target_speedup_out_of_reach():
@@ -84,6 +85,96 @@ def test_target_speedup_out_of_reach():
         Schedule.target_speedup(12, 50)
     with pytest.raises(ScheduleError, match=">= 1"):
         Schedule.target_speedup(12, 0.5)
+
+
+def test_target_speedup_between_schedules_names_the_nearest_ones():
+    """5x lies between the figures 12 layers can give over 16 tokens: the message names both
+    neighbours (what a user reported), not a range that contains the target."""
+    with pytest.raises(ScheduleError) as info:
+        Schedule.target_speedup(12, 5, decay_tokens=16)
+    message = str(info.value)
+    assert "target speedup 5x is not reachable within 5% for 12 layers" in message
+    assert "4.68x (max_layers=2, min_layers=1) and 6.00x (max_layers=1, min_layers=1)" in message
+    assert "range" not in message
+    for max_l, min_l, figure in ((2, 1, 4.68), (1, 1, 6.00)):
+        assert Schedule(12, max_l, min_l, decay_tokens=16).layer_speedup() == pytest.approx(figure, abs=5e-3)
+    with pytest.raises(ScheduleError, match="the fastest schedule gives 6.00x"):
+        Schedule.target_speedup(12, 50)
+
+
+@functools.lru_cache(maxsize=None)
+def all_figures(L, T, w):
+    """Every (max_layers, min_layers, layer speedup over T steps), in the old search's order."""
+    return [(max_l, min_l, Schedule(L, max_l, min_l, T, w).layer_speedup(T))
+            for max_l in range(L, 0, -1) for min_l in range(max_l, 0, -1)]
+
+
+def brute_force_target(L, k, T, w):
+    """The exhaustive double loop target_speedup used to run: (max_layers, min_layers) or None."""
+    best = None
+    for max_l, min_l, achieved in all_figures(L, T, w):
+        err = abs(achieved - k) / k
+        if err <= 0.05:
+            key = (max_l, -err)
+            if best is None or key > best[0]:
+                best = (key, (max_l, min_l))
+    return None if best is None else best[1]
+
+
+def fast_target(L, k, T, w):
+    try:
+        s = Schedule.target_speedup(L, k, decay_tokens=T, warmup_layers=w)
+    except ScheduleError as exc:
+        assert "reach" in str(exc)
+        return None
+    assert (s.num_layers, s.decay_tokens, s.warmup_layers) == (L, T, w)
+    return s.max_layers, s.min_layers
+
+
+def test_target_speedup_matches_the_exhaustive_search():
+    """Targets at every achievable figure (exact ties), halfway between neighbours (equal errors on
+    both sides), at the 5% edges, and off the grid, over many shapes."""
+    checked = 0
+    for L in (1, 2, 3, 5, 8, 12, 20):
+        for T in (1, 2, 3, 5, 16, 33, 64):
+            for w in sorted({0, 1, L // 2, L}):
+                figures = sorted({figure for _, _, figure in all_figures(L, T, w)})
+                targets = {*figures, *((a + b) / 2 for a, b in zip(figures, figures[1:])),
+                           *(f * 1.05 for f in figures), *(f / 0.95 for f in figures), 1, 1.5, 2, 3, 5, 7.25}
+                for k in sorted(t for t in targets if t >= 1):
+                    assert fast_target(L, k, T, w) == brute_force_target(L, k, T, w), (L, k, T, w)
+                    checked += 1
+    assert checked > 1000
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 20).flatmap(lambda L: st.tuples(
+    st.just(L), st.floats(1, L + 2, allow_nan=False), st.integers(1, 80), st.integers(0, L))))
+def test_target_speedup_matches_the_exhaustive_search_random(params):
+    L, k, T, w = params
+    assert fast_target(L, k, T, w) == brute_force_target(L, k, T, w)
+
+
+@pytest.mark.parametrize("layers, decay, k", [(100_000, 64, 2), (100_000, 64, 3.7), (100_000, 64, 40_000),
+                                              (100_000, 2048, 1.5), (64, 2048, 2), (64, 2048, 3)])
+def test_target_speedup_scales_to_many_layers_and_tokens(layers, decay, k):
+    s = Schedule.target_speedup(layers, k, decay_tokens=decay)
+    assert abs(s.layer_speedup(decay) - k) / k <= 0.05
+    assert s.max_layers == layers or Schedule(layers, s.max_layers + 1, 1, decay).layer_speedup(decay) < k * 0.95
+    with pytest.raises(ScheduleError, match="out of reach"):
+        Schedule.target_speedup(100_000, 10 ** 6, decay_tokens=64)
+
+
+def test_layer_speedup_and_its_deprecated_name():
+    s = Schedule(12, 10, 2, decay_tokens=8)
+    assert s.layer_speedup(8) == 12 / (sum(s.count(i) for i in range(8)) / 8)
+    assert s.layer_speedup() == s.layer_speedup(8)
+    with pytest.warns(DeprecationWarning, match="layer_speedup"):
+        assert s.ideal_speedup(8) == s.layer_speedup(8)
+    with pytest.warns(DeprecationWarning):
+        assert TableSchedule(6, [5, 3]).ideal_speedup() == TableSchedule(6, [5, 3]).layer_speedup()
+    assert f"layer speedup {s.layer_speedup():.2f}x" in s.describe()
+    assert "ideal" not in s.describe() and "layer speedup" in TableSchedule(6, [5, 3]).describe()
 
 
 def test_table_schedule_must_shrink():
@@ -119,4 +210,4 @@ def test_schedule_invariants(params):
         if previous is not None:
             assert set(layers) <= set(previous)  # nothing run now was skipped before
         previous = layers
-    assert 1.0 <= s.ideal_speedup() <= L
+    assert 1.0 <= s.layer_speedup() <= L

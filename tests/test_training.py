@@ -192,10 +192,10 @@ def test_eval_json(exports, text_dir):
     results = report["results"]
     assert [r["target_speedup"] for r in results] == [1.0, 2.0]
     for r in results:
-        assert {"target_speedup", "ideal_speedup", "perplexity", "agreement"} <= set(r)
+        assert {"target_speedup", "layer_speedup", "perplexity", "agreement"} <= set(r)
         assert np.isfinite(r["perplexity"]) and r["perplexity"] > 1 and 0 <= r["agreement"] <= 1
-    assert results[0]["agreement"] == 1.0 and results[0]["ideal_speedup"] == 1.0
-    assert abs(results[1]["ideal_speedup"] - 2) < 0.1
+    assert results[0]["agreement"] == 1.0 and results[0]["layer_speedup"] == 1.0
+    assert abs(results[1]["layer_speedup"] - 2) < 0.1
     assert report["tokens_scored"] == 3 * 16
     bad = CliRunner().invoke(main, args[:4] + ["--seq-len", "32", "--target-speedup", "9"])
     assert bad.exit_code == 1 and "out of reach" in bad.output

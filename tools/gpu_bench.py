@@ -6,7 +6,7 @@ batch 1 and 32, greedy decoding of N new tokens after a P-token prompt:
 
 - ``hf``: transformers ``OPTForCausalLM`` in float16 on the GPU, ``generate`` (full model);
 - ``torch-graphs``: skipdeploy's torch backend on CUDA (fp16, static cache, one CUDA graph per
-  layer set), with the full schedule and SkipDecode schedules of ideal speedup 2x and 3x;
+  layer set), with the full schedule and SkipDecode schedules of layer speedup 2x and 3x;
 - ``torch-eager``: the same backend without CUDA graphs (dynamic path), full schedule;
 - ``ort-cuda`` / ``tensorrt``: when onnxruntime's CUDA provider / TensorRT are usable here.
 
@@ -90,7 +90,7 @@ def main() -> int:
         except skipdeploy.SkipDeployError as exc:
             log(f"schedule {k:g}x: skipped ({exc})")
     for name, s in schedules.items():
-        log(f"schedule {name}: {s.describe()}; ideal {s.ideal_speedup(N):.2f}x over {N} steps")
+        log(f"schedule {name}: {s.describe()}; layer speedup {s.layer_speedup(N):.2f}x over {N} steps")
 
     rng = np.random.default_rng(0)
     prompts = {b: [[2, *rng.integers(4, vocab, P - 1).tolist()] for _ in range(b)] for b in batches}

@@ -156,11 +156,11 @@ def main() -> None:
                               decay_tokens=decay, chunks=args.eval_chunks, prompts=args.eval_prompts)
             path.write_text(json.dumps(report, indent=2))
         reports[name] = json.loads(path.read_text())
-    print("\n| model | target | ideal speedup | layers/token | measured speedup | perplexity | agreement |")
+    print("\n| model | target | layer speedup | layers/token | measured speedup | perplexity | agreement |")
     print("|---|---|---|---|---|---|---|")
     for name, report in reports.items():
         for r in report["results"]:
-            print(f"| {name} | {r['target_speedup']:g}x | {r['ideal_speedup']:.2f}x | {r['layers_per_token']:.2f} | "
+            print(f"| {name} | {r['target_speedup']:g}x | {r['layer_speedup']:.2f}x | {r['layers_per_token']:.2f} | "
                   f"{r['measured_speedup']:.2f}x | {r['perplexity']:.3f} | {r['agreement']:.3f} |")
     if args.stop_after == "eval":
         return

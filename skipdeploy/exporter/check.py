@@ -14,7 +14,7 @@ import onnxruntime as ort
 import torch
 
 from ..manifest import ModelSpec
-from .graphs import MASK_VALUE
+from ..numerics import MASK_VALUE, NUMPY_DTYPES, relative_error
 
 BATCH, PAST, NEW = 2, 3, 2  # all different and >= 2, so no dimension can hide another
 
@@ -28,12 +28,7 @@ def _session(path: Path) -> ort.InferenceSession:
 
 def _error(got: np.ndarray, want: torch.Tensor) -> float:
     """Max abs error, relative to the reference's scale when that exceeds 1."""
-    want = want.detach().float().numpy()
-    return float(np.max(np.abs(got.astype(np.float32) - want)) / max(1.0, float(np.max(np.abs(want)))))
-
-
-def _np_dtype(dtype: str):
-    return np.float16 if dtype == "float16" else np.float32
+    return relative_error(got, want.detach().float().numpy())
 
 
 @torch.no_grad()
@@ -56,7 +51,7 @@ def check_layer(path: Path, layer, spec: ModelSpec, dtype: str, seed: int) -> fl
         return t.view(BATCH, total, spec.num_heads, spec.head_dim).permute(1, 0, 2, 3)
 
     keys, values = heads(attn.k_proj(h)), heads(attn.v_proj(h))
-    np_dt = _np_dtype(dtype)
+    np_dt = NUMPY_DTYPES[dtype]
     feeds = {"hidden": x[:, PAST:].numpy().astype(np_dt),
              "past_key": keys[:PAST].numpy().astype(np_dt), "past_value": values[:PAST].numpy().astype(np_dt),
              "attention_bias": np.where(keep.numpy() > 0, 0.0, MASK_VALUE).astype(np.float32)}
@@ -89,5 +84,5 @@ def check_head(path: Path, model, spec: ModelSpec, dtype: str, seed: int) -> flo
     if decoder.project_out is not None:
         want = decoder.project_out(want)
     want = model.lm_head(want)
-    (got,) = _session(path).run(None, {"hidden": h.numpy().astype(_np_dtype(dtype))})
+    (got,) = _session(path).run(None, {"hidden": h.numpy().astype(NUMPY_DTYPES[dtype])})
     return _error(got, want)

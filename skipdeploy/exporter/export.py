@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
+import inspect
 import os
 import shutil
 import sys
-import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -18,12 +17,14 @@ from .. import __version__
 from ..errors import BackendError, CheckpointError, ExportError, SkipDeployError
 from ..manifest import (EMBED_IO, FORMAT_VERSION, HEAD_IO, KV_CONTRACT, KV_LAYOUT, LAYER_IO, Manifest,
                         describe_file, model_spec_dict, read_manifest, write_manifest)
+from ..numerics import GRAPH_TOLERANCE
 from ..schedule import LayerSchedule, Schedule
 from . import check, checkpoint, graphs
+from .quantize import SCHEMES, quantize_export
+from .staging import move_into_place, staging_directory
 
 DTYPES = ("float32", "float16")
 MIN_OPSET, DEFAULT_OPSET, MAX_OPSET = 17, 17, 23
-TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 # Past this many bytes of weights a graph keeps them in a side file (protobuf caps files at 2 GiB).
 EXTERNAL_DATA_BYTES = 1 << 30
 TOKENIZER_FILE = "tokenizer.json"
@@ -42,14 +43,17 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
     ``out`` appears only when every graph is written, checked against PyTorch and listed with
     its sha256 in ``manifest.json``; an interrupted export leaves at most a hidden temporary
     sibling, never a directory the runtime accepts. ``schedule`` (the export's default) may be a
-    function of the number of layers, which is known only once the checkpoint is read.
+    function of the number of layers, which is known only once the checkpoint is read, or of the
+    number of layers and the checkpoint's fine-tuned schedule (None when it has none), so that
+    options giving part of a schedule can modify that one.
     ``quantize="int8"`` writes the int8-weight export (``quantize_export``) of the float32 graphs
-    to ``out`` instead of the float32 export itself.
+    to ``out`` instead of the float32 export itself. A second export to the same ``out`` while
+    this one writes it is refused (ExportError); see ``staging``.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     _check_options(dtype, opset, max_batch, quantize, tensorrt)
     out = Path(out).expanduser()
-    if out.exists() and not force:
+    if out.exists() and not force:  # early, before the slow load; checked again under the lock
         raise ExportError(f"{out} already exists; pass --force (force=True) to replace it")
 
     spec, hf_model = checkpoint.load_model(model)
@@ -60,13 +64,13 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
                           f"(got {max_length})")
     schedule = _default_schedule(schedule, spec, hf_model)
 
-    with staging_directory(out) as tmp:
+    with staging_directory(out, force=force) as tmp:
         data: dict[str, list[str]] = {}  # graph file -> the external data files it reads
         errors = _write_graphs(tmp, spec, hf_model, dtype, opset, check_graphs, progress, data)
         worst = max(errors, key=errors.get) if errors else None
         if worst is not None:
             log(f"checked {len(errors)} graphs against PyTorch: max abs error {errors[worst]:.2e} ({worst})")
-            limit = TOLERANCE[dtype]
+            limit = GRAPH_TOLERANCE[dtype]
             bad = {name: err for name, err in errors.items() if err > limit}
             if bad:
                 raise ExportError("graphs disagree with PyTorch beyond " + f"{limit:g}: " +
@@ -88,20 +92,18 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
                        "head": _graph_entry("head.onnx", HEAD_IO, data)},
             "tokenizer": tokenizer,
             "files": files,
-            "check": {"tolerance": TOLERANCE[dtype], "max_abs_error": errors},
+            "check": {"tolerance": GRAPH_TOLERANCE[dtype], "max_abs_error": errors},
             "tools": _tool_versions(),
             "source": str(model),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         })
         if quantize is not None:  # quantize_export reads (and verifies) the staged float32 export itself
-            from .quantize import quantize_export
-
             manifest = quantize_export(tmp, out, weights=quantize, force=force, progress=progress, log=log,
                                        record_source=False)
             shutil.rmtree(tmp, ignore_errors=True)
             return manifest
         manifest = read_manifest(tmp, verify=True)
-        _replace(tmp, out)
+        move_into_place(tmp, out)
     manifest.directory = out
     if tensorrt:  # the export is complete and valid on its own; engines are cache entries beside it
         from ..engines.tensorrt_build import build_engines
@@ -119,8 +121,6 @@ def _check_options(dtype: str, opset: int, max_batch: int, quantize: str | None,
     if max_batch < 1:
         raise ExportError(f"max batch must be >= 1 (got {max_batch})")
     if quantize is not None:
-        from .quantize import SCHEMES
-
         if quantize not in SCHEMES:
             raise ExportError(f"quantize must be one of {', '.join(SCHEMES)} (got {quantize!r})")
         if dtype != "float32":
@@ -134,42 +134,16 @@ def _check_options(dtype: str, opset: int, max_batch: int, quantize: str | None,
 def _default_schedule(schedule, spec, hf_model) -> LayerSchedule:
     """The export's default schedule: the one passed (or made from the layer count), else the one a
     `skipdeploy finetune` checkpoint names in config.json (``skipdecode``), else full."""
-    if callable(schedule):
-        schedule = schedule(spec.num_layers)
     stored = getattr(hf_model.config, "skipdecode", None)
-    if schedule is None and isinstance(stored, dict) and stored.get("schedule"):
-        schedule = LayerSchedule.from_dict(stored["schedule"])
-    schedule = schedule or Schedule.full(spec.num_layers)
+    finetuned = LayerSchedule.from_dict(stored["schedule"]) \
+        if isinstance(stored, dict) and stored.get("schedule") else None
+    if callable(schedule):
+        takes_default = len(inspect.signature(schedule).parameters) >= 2
+        schedule = schedule(spec.num_layers, finetuned) if takes_default else schedule(spec.num_layers)
+    schedule = schedule or finetuned or Schedule.full(spec.num_layers)
     if schedule.num_layers != spec.num_layers:
         raise ExportError(f"the schedule is for {schedule.num_layers} layers, the model has {spec.num_layers}")
     return schedule
-
-
-@contextlib.contextmanager
-def staging_directory(out: Path):
-    """A hidden sibling of ``out`` to write an export into, removed if the block fails; what killed
-    runs left beside ``out`` goes first. The caller renames it into place (``_replace``)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _remove_stale_partials(out: Path) -> None:
-    """Delete what killed exports to ``out`` left behind (their process is gone)."""
-    for partial in out.parent.glob(f".{out.name}.partial-*"):
-        try:
-            pid = int(partial.name.rsplit("-", 2)[-2])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(partial, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
-            continue
 
 
 def _require_tensorrt() -> None:
@@ -301,22 +275,6 @@ def _tool_versions() -> dict[str, str]:
 
     return {"skipdeploy": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__, "numpy": numpy.__version__}
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished export into place; an existing ``out`` is removed only after that succeeds."""
-    trash = None
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, trash)
-    try:
-        os.replace(tmp, out)
-    except OSError as exc:
-        if trash is not None:
-            os.replace(trash, out)
-        raise ExportError(f"cannot move the export into {out}: {exc}") from None
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink()
 
 
 __all__ = ["export", "DTYPES", "SkipDeployError"]

@@ -15,12 +15,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..manifest import EMBED_IO, HEAD_IO, LAYER_IO, ModelSpec
+from ..numerics import MASK_VALUE, NUMPY_DTYPES  # MASK_VALUE: finite (DESIGN.md section 3)
 
-# Finite, so that a padding query whose keys are all masked stays finite (DESIGN.md section 3).
-MASK_VALUE = -1e9
 LN_EPS = 1e-5
 _ONNX_DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
-_NP_DTYPE = {"float32": np.float32, "float16": np.float16}
 
 
 @dataclass
@@ -35,7 +33,7 @@ class _Builder:
         return f"{op}_{self.counter}"
 
     def weight(self, name: str, array: np.ndarray, keep_fp32: bool = False) -> str:
-        dtype = np.float32 if keep_fp32 or array.dtype.kind != "f" else _NP_DTYPE[self.dtype]
+        dtype = np.float32 if keep_fp32 or array.dtype.kind != "f" else NUMPY_DTYPES[self.dtype]
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=dtype), name))
         return name
 
@@ -163,9 +161,9 @@ def _activation(b: _Builder, x: str, kind: str) -> str:
     if kind == "relu":
         return b.op("Relu", [x])
     if kind == "gelu":  # exact (erf) GELU, as torch.nn.functional.gelu
-        erf = b.op("Erf", [b.op("Mul", [x, b.const(1 / np.sqrt(2), _NP_DTYPE[b.dtype])])])
-        half = b.op("Mul", [x, b.const(0.5, _NP_DTYPE[b.dtype])])
-        return b.op("Mul", [half, b.op("Add", [erf, b.const(1.0, _NP_DTYPE[b.dtype])])])
+        erf = b.op("Erf", [b.op("Mul", [x, b.const(1 / np.sqrt(2), NUMPY_DTYPES[b.dtype])])])
+        half = b.op("Mul", [x, b.const(0.5, NUMPY_DTYPES[b.dtype])])
+        return b.op("Mul", [half, b.op("Add", [erf, b.const(1.0, NUMPY_DTYPES[b.dtype])])])
     raise ValueError(f"unsupported activation {kind!r}")
 
 

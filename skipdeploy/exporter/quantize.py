@@ -31,6 +31,8 @@ import numpy as np
 
 from ..errors import ExportError
 from ..manifest import MANIFEST, Manifest, describe_file, read_manifest, write_manifest
+from ..numerics import relative_error
+from .staging import move_into_place, staging_directory
 
 SCHEMES = ("int8",)
 METHOD = "onnxruntime dynamic quantization (DynamicQuantizeLinear + MatMulInteger), weights int8 per channel"
@@ -41,7 +43,8 @@ def quantize_export(source: str | os.PathLike, out: str | os.PathLike, *, weight
                     log: Callable[[str], None] | None = None, record_source: bool = True) -> Manifest:
     """Write an int8-weight copy of the float32 export ``source`` to ``out`` (atomically) and
     return its manifest. ``record_source=False`` when ``source`` is transient (``export
-    --quantize``): the manifest then names no float32 export to verify against."""
+    --quantize``): the manifest then names no float32 export to verify against. A second export
+    to the same ``out`` while this one writes it is refused (ExportError); see ``staging``."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if weights not in SCHEMES:
         raise ExportError(f"weights must be one of {', '.join(SCHEMES)} (got {weights!r})")
@@ -58,14 +61,12 @@ def quantize_export(source: str | os.PathLike, out: str | os.PathLike, *, weight
     out = Path(out).expanduser()
     if out.resolve() == src.directory.resolve():
         raise ExportError("the quantized export needs its own directory (--out differs from the source)")
-    if out.exists() and not force:
+    if out.exists() and not force:  # early; checked again under the lock
         raise ExportError(f"{out} already exists; pass --force (force=True) to replace it")
 
     from tqdm.auto import tqdm
 
-    from .export import _replace, staging_directory
-
-    with staging_directory(out) as tmp:
+    with staging_directory(out, force=force) as tmp:
         graphs = json.loads(json.dumps(src.graphs))  # a deep copy to edit
         quantized = [g["file"] for g in graphs["layers"]] + [graphs["head"]["file"]]
         errors: dict[str, float] = {}
@@ -105,7 +106,7 @@ def quantize_export(source: str | os.PathLike, out: str | os.PathLike, *, weight
         })
         write_manifest(tmp, data)
         manifest = read_manifest(tmp, verify=True)
-        _replace(tmp, out)
+        move_into_place(tmp, out)
     manifest.directory = out
     return manifest
 
@@ -154,7 +155,7 @@ def _graph_error(manifest: Manifest, name: str, reference: Path, quantized: Path
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     want = ort.InferenceSession(str(reference), options, providers=["CPUExecutionProvider"]).run(None, feeds)
     got = ort.InferenceSession(str(quantized), options, providers=["CPUExecutionProvider"]).run(None, feeds)
-    return float(max(np.max(np.abs(g - w)) / max(1.0, float(np.max(np.abs(w)))) for g, w in zip(got, want)))
+    return max(relative_error(g, w) for g, w in zip(got, want))
 
 
 __all__ = ["quantize_export", "is_quantized_from", "SCHEMES"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -29,9 +29,6 @@ from ..schedule import LayerSchedule
 from .inputs import PaddedBatch, prompt_rows
 from .kv import plan_capacities
 from .sampling import GenerationConfig, TokenPicker
-
-if TYPE_CHECKING:
-    from .runtime import Runtime
 
 DEFAULT = object()  # "the model's own EOS" for eos_token_id
 
@@ -88,10 +85,11 @@ class Generator:
     Decoding knobs come from ``config`` (a :class:`GenerationConfig`) and/or keyword arguments
     of the same names: ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``repetition_penalty``,
     ``seed``, ``stop_token_ids``, ``stop_strings``. ``eos_token_id`` defaults to the model's;
-    None disables it. Finished rows keep decoding as padding until the batch is done.
+    None disables it. Finished rows keep decoding as padding until the batch is done. ``runtime``
+    is the loaded :class:`~skipdeploy.runtime.Runtime` whose engine, lock and tokenizer it uses.
     """
 
-    def __init__(self, runtime: "Runtime", input_ids, max_new_tokens: int | None = None,
+    def __init__(self, runtime, input_ids, max_new_tokens: int | None = None,
                  schedule: LayerSchedule | None = None, *, config: GenerationConfig | None = None,
                  eos_token_id=DEFAULT, output_logits: bool = False, **knobs) -> None:
         unknown = set(knobs) - set(GenerationConfig.__dataclass_fields__)

@@ -23,7 +23,6 @@ from ..schedule import LayerSchedule
 from .generator import GenerationResult, Generator, Step
 from .inputs import prompt_rows
 from .kv import cache_bytes, format_bytes
-from .sampling import GenerationConfig
 from .tokenizer import Tokenizer
 
 

@@ -116,14 +116,14 @@ def _evaluate_export(directory: Path, *, data, speedups, seq_len, context, decay
         tokens, ms = (reference, full_ms) if sched.is_full() else greedy(sched)
         same = sum(a == b for ref, got in zip(reference, tokens) for a, b in zip(ref, got))
         total = sum(len(ref) for ref in reference)
-        entry = {"target_speedup": k, "ideal_speedup": sched.ideal_speedup(decay_tokens),
+        entry = {"target_speedup": k, "layer_speedup": sched.layer_speedup(decay_tokens),
                  "perplexity": float(math.exp(-logprobs.mean())), "agreement": same / total,
                  "mean_log_prob": float(logprobs.mean()), "ms_per_token": ms,
                  "measured_speedup": full_ms / ms if ms > 0 else None,
                  "layers_per_token": sched.mean_layers(decay_tokens), "schedule": sched.to_dict()}
         results.append(entry)
         log(f"  {k:g}x: perplexity {entry['perplexity']:.3f}, agreement {entry['agreement']:.3f} "
-            f"(ideal {entry['ideal_speedup']:.2f}x, measured {entry['measured_speedup']:.2f}x)")
+            f"(layer speedup {entry['layer_speedup']:.2f}x, measured {entry['measured_speedup']:.2f}x)")
     return {"results": results, "model": source or str(directory), "export": None if source else str(directory),
             "data": list(data), "seq_len": seq_len, "context": context, "decay_tokens": decay_tokens,
             "tokens_scored": int(len(ppl_rows) * (seq_len - context)), "prompts": len(gen_rows),

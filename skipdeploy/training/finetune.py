@@ -195,7 +195,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool | None = None, log: Callable
         step += 1
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         bar.update(1)
-        bar.set_postfix(loss=f"{ema:.3f}", c=context, x=f"{sched.ideal_speedup():.1f}")
+        bar.set_postfix(loss=f"{ema:.3f}", c=context, x=f"{sched.layer_speedup():.1f}")
         if step % cfg.save_every == 0 or step == cfg.steps or step == until:
             save(step)
             if bar.disable:  # no terminal: a line per checkpoint instead of the bar

@@ -1,0 +1,86 @@
+"""``skipdeploy bench``: decode speed per batch size and schedule, against Hugging Face generate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..bench import BenchError, format_table, plot, run_bench
+from .options import AliasedOption, comma_list, json_option, max_new_tokens_option
+
+
+@click.command("bench")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--batch-sizes", default="1,8", show_default=True, metavar="N,N,...", help="Batch sizes to measure.")
+@click.option("--target-speedup", cls=AliasedOption, hidden_aliases=("--target-speedups",), default="2,3,5",
+              show_default=True, metavar="K,K,...",
+              help="SkipDecode schedules to measure, one per layer speedup K (Schedule.target_speedup); the full "
+                   "schedule is always measured. Empty for none.")
+@click.option("--prompt-length", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Prompt tokens per row (random ids).")
+@max_new_tokens_option(64, help="Tokens generated per row (EOS is ignored); at least 2.", cls=AliasedOption,
+                       hidden_aliases=("--new-tokens",))
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed rounds; each round runs every contender once, in rotating order.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Untimed runs per contender first.")
+@click.option("--decay-tokens", type=click.IntRange(min=1), metavar="T",
+              help="Decay length of the skip schedules [default: the decode steps, --max-new-tokens - 1].")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads for onnxruntime and for PyTorch "
+              "[default: all cores].")
+@click.option("--quantize", type=click.Choice(["int8"]),
+              help="Also measure the int8-weight version of the export (full schedule) and its token agreement "
+                   "with float32; made in a temporary directory unless --int8-export names one.")
+@click.option("--int8-export", type=click.Path(path_type=Path),
+              help="Where the int8 export is (reused) or is written (kept).")
+@click.option("--checkpoint", help="Checkpoint for the Hugging Face baseline [default: the export's source].")
+@click.option("--no-hf", is_flag=True, help="Skip the Hugging Face generate baseline.")
+@click.option("--no-memory", is_flag=True, help="Skip the peak-memory probe (a fresh process per export and batch "
+              "size).")
+@click.option("--no-bandwidth", is_flag=True, help="Skip the bandwidth probe (and the memory floor).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompts.")
+@json_option("the results (every run, row and probe; the environment), not the table,")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Also write the results as JSON to FILE.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Write a PNG to FILE: ms/token per schedule, and the measured speedup against the cost model's.")
+def command(directory: Path, batch_sizes: str, target_speedup: str, prompt_length: int, max_new_tokens: int,
+            repeats: int, warmup: int, decay_tokens: int | None, threads: int | None, quantize: str | None,
+            int8_export: Path | None, checkpoint: str | None, no_hf: bool, no_memory: bool, no_bandwidth: bool,
+            seed: int, as_json: bool, output: Path | None, plot_path: Path | None) -> None:
+    """Measure decode speed per batch size and schedule, against Hugging Face generate.
+
+    Times to first token, time per output token (median, P90, P99), output tokens/s, layers
+    per token, the speedup of each SkipDecode schedule over the full one next to the speedup a
+    multiply-add cost model predicts (embed + layers run + head), and the same checkpoint in
+    Hugging Face generate with the same threads. Contenders alternate run by run, so machine
+    drift hits all alike. Prompts are random token ids; EOS is ignored so every row generates
+    --max-new-tokens tokens. Exits 1, after printing what it measured, if a memory probe fails.
+
+    \b
+    Example:
+      skipdeploy bench opt-125m-sd --batch-sizes 1,8 --target-speedup 2,3,5 \\
+          --quantize int8 --output bench.json --plot bench.png
+    """
+    targets = comma_list(target_speedup, "--target-speedup") if target_speedup.strip() else []
+    failure = None
+    try:
+        results = run_bench(directory, batch_sizes=comma_list(batch_sizes, "--batch-sizes", int),
+                            target_speedups=targets, prompt_length=prompt_length, new_tokens=max_new_tokens,
+                            repeats=repeats, warmup=warmup, decay_tokens=decay_tokens, threads=threads,
+                            hf=not no_hf, checkpoint=checkpoint, quantize=quantize, int8_export=int8_export,
+                            memory=not no_memory, bandwidth=not no_bandwidth, seed=seed,
+                            log=lambda m: click.echo(m, err=True))
+    except BenchError as exc:  # the timings are in: show them, then fail
+        results, failure = exc.results, exc
+    click.echo(json.dumps(results, indent=1) if as_json else format_table(results))
+    if output:
+        output.write_text(json.dumps(results, indent=1) + "\n")
+        click.echo(f"results written to {output}", err=True)
+    if plot_path:
+        plot(results, plot_path)
+        click.echo(f"plot written to {plot_path}", err=True)
+    if failure is not None:
+        raise click.ClickException(str(failure))

@@ -1,0 +1,51 @@
+"""``skipdeploy inspect``: summarize an export directory and check its files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .options import format_size, json_option
+
+
+@click.command("inspect")
+@click.argument("directory", type=click.Path(path_type=Path))
+@json_option("the manifest")
+@click.option("--no-verify", is_flag=True, help="Check file sizes only, not sha256 checksums.")
+def command(directory: Path, as_json: bool, no_verify: bool) -> None:
+    """Summarize an export directory (and verify its files' checksums)."""
+    from ..manifest import read_manifest
+
+    m = read_manifest(directory, verify=not no_verify)
+    if as_json:
+        click.echo(json.dumps(m.raw, indent=2))
+        return
+    s = m.model
+    check = m.raw.get("check", {}).get("max_abs_error") or {}
+    rows = [
+        ("export", f"{m.directory} (format {m.raw['format_version']}, skipdeploy {m.tools.get('skipdeploy', '?')})"),
+        ("model", f"{s.model_type}, {s.num_layers} layers, hidden {s.hidden_size}, {s.num_heads} heads x {s.head_dim}, "
+                  f"ffn {s.ffn_dim}, vocab {s.vocab_size}, {s.max_positions} positions, {s.layer_norm}-LayerNorm"),
+        ("graphs", f"{m.dtype}, opset {m.opset}, KV {m.raw.get('kv_contract')} ({m.raw.get('kv_layout')})"),
+        *([("weights", _describe_quantization(m.quantization))] if m.quantization else []),
+        ("schedule", m.schedule.describe()),
+        ("limits", f"max batch {m.limits.get('max_batch')}, max length {m.limits.get('max_length')}"),
+        ("tokenizer", m.raw.get("tokenizer") or "none (use --input-ids)"),
+        ("files", f"{len(m.files)} files, {format_size(m.total_bytes)} "
+                  f"({'sizes checked' if no_verify else 'sha256 verified'})"),
+        ("check", (f"max abs error vs PyTorch {max(check.values()):.1e}"
+                   f"{' (float32 graphs, before quantization)' if m.quantization else ''}") if check else "not run"),
+        ("source", m.source),
+    ]
+    for key, value in rows:
+        click.echo(f"{key:<10} {value}")
+
+
+def _describe_quantization(q: dict) -> str:
+    errors = q.get("max_error_vs_float") or {}
+    worst = f"; max error vs float32 {max(errors.values()):.1e}" if errors else ""
+    source = f"; from {q['source']}" if q.get("source") else ""
+    return (f"{q.get('weights')} in {len(q.get('graphs', []))} graphs "
+            f"({'per channel' if q.get('per_channel') else 'per tensor'}){worst}{source}")

@@ -1,0 +1,201 @@
+"""Option groups shared by the commands, so that one thing has one flag name everywhere.
+
+- ``schedule_options``: --target-speedup K, --max-layers, --min-layers, --warmup-layers,
+  --decay-tokens, --prompt-layers, --table (export, schedule, generate, serve);
+- ``sampling_options``: --temperature, --top-k, --top-p, --repetition-penalty, --seed, --stop,
+  --stop-token-id (generate, serve defaults);
+- ``backend_options``: --backend, --device, --threads;
+- ``max_new_tokens_option``, ``json_option``; ``comma_list`` for every "1,2,3" value.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import click
+
+from ..errors import SkipDeployError
+from ..schedule import LayerSchedule, Schedule, TableSchedule
+
+
+def _apply(func, options):
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+class AliasedOption(click.Option):
+    """An option that still accepts an old spelling, without showing it in --help."""
+
+    def __init__(self, *args, hidden_aliases: tuple[str, ...] = (), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.hidden_aliases = hidden_aliases
+        self.opts += list(hidden_aliases)
+
+    def get_help_record(self, ctx):
+        shown, self.opts = self.opts, [o for o in self.opts if o not in self.hidden_aliases]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = shown
+
+
+def comma_list(value: str | None, option: str, kind: Callable = float, allow_empty: bool = False) -> list | None:
+    """``"1,2, 3"`` -> ``[1, 2, 3]`` (``kind`` each), or one clear line naming ``option``."""
+    if value is None:
+        return None
+    try:
+        items = [kind(x) for x in value.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        noun = "integers" if kind is int else "numbers"
+        raise SkipDeployError(f"{option} takes comma-separated {noun} (got {value!r})") from None
+    if not items and not allow_empty:
+        raise SkipDeployError(f"{option} needs at least one value")
+    return items
+
+
+def unescape(text: str) -> str:
+    r"""Backslash escapes as a shell leaves them (``--stop "\n\n"``): \n, \t, \\, \xHH, \uHHHH."""
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError:
+        raise SkipDeployError(f"invalid escape in {text!r}") from None
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+# -- options ---------------------------------------------------------------------------------------
+def json_option(what: str):
+    return click.option("--json", "as_json", is_flag=True, help=f"Print {what} as JSON.")
+
+
+def max_new_tokens_option(default: int | None, help: str = "Tokens to generate per prompt.", **kwargs):
+    return click.option("--max-new-tokens", type=click.IntRange(min=1), default=default,
+                        show_default=default is not None, help=help, **kwargs)
+
+
+def backend_options(func):
+    return _apply(func, [
+        click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime",
+                     show_default=True, help="Engine that runs the graphs (torch: the PyTorch reference; "
+                     "tensorrt: engines from build-engines)."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]),
+                     help="Where the backend runs [default: cpu; tensorrt: cuda]. cuda needs onnxruntime-gpu, a CUDA "
+                          "build of torch (fp16, CUDA graphs) or TensorRT engines (build-engines)."),
+        click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads for onnxruntime "
+                     "[default: all cores]."),
+    ])
+
+
+def engine_options(backend: str, device: str | None, threads: int | None) -> dict:
+    """``load`` keyword arguments from the backend options."""
+    options: dict = {"backend": backend}
+    if device:
+        options["device"] = device
+    if threads and backend == "onnxruntime":
+        options["threads"] = threads
+    return options
+
+
+def schedule_options(func):
+    return _apply(func, [
+        click.option("--target-speedup", type=float, metavar="K",
+                     help="Pick max/min layers so that the layer speedup (all layers over the mean run per decode "
+                          "step, over --decay-tokens steps) is K, within 5%."),
+        click.option("--max-layers", type=int, metavar="N", help="Top-block size at the first generated token "
+                     "[default: the default schedule's, else all layers]."),
+        click.option("--min-layers", type=int, metavar="N", help="Floor of the top block [default: the default "
+                     "schedule's, else --max-layers]."),
+        click.option("--warmup-layers", type=int, metavar="N", help="Bottom layers every token runs [default: the "
+                     "default schedule's, else 1]."),
+        click.option("--decay-tokens", type=int, metavar="T",
+                     help="Decode steps over which the top block shrinks linearly [default: the default schedule's; "
+                          "with --target-speedup or on a full default, this generation's decode steps "
+                          "(--max-new-tokens - 1), or 64 where nothing is generated]."),
+        click.option("--prompt-layers", type=click.Choice(["full", "schedule"]),
+                     help="Run the prompt through all layers (full) or the step-0 layer set [default: the default "
+                          "schedule's, else full]."),
+        click.option("--table", metavar="N,N,...", help="Explicit top-block size per step (non-increasing; "
+                     "the last holds), instead of the linear decay."),
+    ])
+
+
+SCHEDULE_KEYS = ("target_speedup", "max_layers", "min_layers", "warmup_layers", "decay_tokens", "prompt_layers",
+                 "table", "full")
+
+
+def pop_schedule_options(kwargs: dict) -> dict:
+    return {k: kwargs.pop(k) for k in SCHEDULE_KEYS if k in kwargs}
+
+
+def schedule_from(opts: dict, num_layers: int, default: LayerSchedule | None, decode_steps: int | None) -> LayerSchedule:
+    """The schedule the flags describe. Flags that give only part of a schedule modify the default
+    one (``--warmup-layers 2`` keeps an export's fine-tuned decay); ``decode_steps`` (the decode
+    steps of this generation, None where nothing is generated) is the decay of a new schedule."""
+    target, max_l, min_l = opts.get("target_speedup"), opts.get("max_layers"), opts.get("min_layers")
+    warmup, decay, prompt = opts.get("warmup_layers"), opts.get("decay_tokens"), opts.get("prompt_layers")
+    table = opts.get("table")
+    given = [k for k in ("target_speedup", "max_layers", "min_layers", "warmup_layers", "decay_tokens",
+                         "prompt_layers") if opts.get(k) is not None]
+    if opts.get("full"):
+        if given or table is not None:
+            raise click.UsageError("--full excludes the other schedule options")
+        return Schedule.full(num_layers)
+    linear = default if isinstance(default, Schedule) and not default.is_full() else None
+    if table is not None:
+        if any(v is not None for v in (target, max_l, min_l, decay)):
+            raise click.UsageError("--table replaces --target-speedup/--max-layers/--min-layers/--decay-tokens")
+        base = default if default is not None and not default.is_full() else None
+        return TableSchedule(num_layers, comma_list(table, "--table", int),
+                             warmup_layers=warmup if warmup is not None else (base.warmup_layers if base else 1),
+                             prompt=prompt or (base.prompt if base else "full"))
+    if not given:
+        return default or Schedule.full(num_layers)
+    if target is not None and (max_l is not None or min_l is not None):
+        raise click.UsageError("--target-speedup picks --max-layers/--min-layers itself; give one or the other")
+    if isinstance(default, TableSchedule) and not default.is_full() and {"max_layers", "min_layers", "decay_tokens"} \
+            .isdisjoint(given) and target is None:
+        return TableSchedule(num_layers, default.tops, warmup if warmup is not None else default.warmup_layers,
+                             prompt or default.prompt)
+    fresh_decay = max(1, decode_steps) if decode_steps is not None else 64
+    warmup = warmup if warmup is not None else (linear.warmup_layers if linear else 1)
+    prompt = prompt or (linear.prompt if linear else "full")
+    if target is not None:
+        return Schedule.target_speedup(num_layers, target, decay_tokens=decay if decay is not None else fresh_decay,
+                                       warmup_layers=warmup, prompt=prompt)
+    if linear is not None:
+        return Schedule(num_layers, max_l if max_l is not None else linear.max_layers,
+                        min_l if min_l is not None else linear.min_layers,
+                        decay if decay is not None else linear.decay_tokens, warmup, prompt)
+    return Schedule(num_layers, max_l, min_l, decay if decay is not None else fresh_decay, warmup, prompt)
+
+
+def sampling_options(func):
+    return _apply(func, [
+        click.option("--temperature", type=float, help="Sample at this temperature; 0 (the default) is greedy. "
+                     "--top-k/--top-p alone imply 1.0."),
+        click.option("--top-k", type=int, help="Sample among the K most likely tokens."),
+        click.option("--top-p", type=float, help="Sample among the smallest set of tokens whose mass reaches P."),
+        click.option("--repetition-penalty", type=float, help="Penalize tokens already in the prompt or output "
+                     "(Hugging Face semantics; 1 is off)."),
+        click.option("--seed", type=int, help="Seed for sampling: same seed, same tokens, on every backend."),
+        click.option("--stop", "stop_strings", multiple=True, metavar="TEXT",
+                     help="Stop a row once its text contains TEXT (repeatable; \\n and \\t are read as escapes)."),
+        click.option("--stop-token-id", "stop_token_ids", multiple=True, type=int, metavar="ID",
+                     help="Stop a row at this token id, like EOS (repeatable)."),
+    ])
+
+
+def pop_generation_knobs(kwargs: dict) -> dict:
+    knobs = {k: kwargs.pop(k) for k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed",
+                                         "stop_strings", "stop_token_ids")}
+    if knobs["temperature"] is None and (knobs["top_k"] is not None or knobs["top_p"] is not None):
+        knobs["temperature"] = 1.0
+    knobs["stop_strings"] = tuple(unescape(s) for s in knobs["stop_strings"])
+    return {k: v for k, v in knobs.items() if v is not None and v != ()}

@@ -1,0 +1,37 @@
+"""``skipdeploy quantize``: an int8-weight copy of a float32 export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .options import format_size
+
+
+@click.command("quantize")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the quantized export.")
+@click.option("--weights", type=click.Choice(["int8"]), default="int8", show_default=True,
+              help="Weight precision of the decoder layers and the LM head.")
+@click.option("--per-tensor", is_flag=True, help="One scale per weight matrix instead of one per output channel "
+              "(less accurate).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new export is complete).")
+def command(directory: Path, out: Path, weights: str, per_tensor: bool, force: bool) -> None:
+    """Write an int8-weight copy of a float32 export, for CPU decoding.
+
+    The decoder layers and the LM head multiply with int8 weights (onnxruntime dynamic
+    quantization, standard ONNX ops): about 4x fewer weight bytes per token, 2.5-3x faster
+    decoding on a 2-core CPU. Attention, LayerNorm, the KV cache and the logits stay float32.
+    Each graph's error against float32 is recorded in the manifest; `skipdeploy verify OUT`
+    checks decoding against the float32 export.
+    """
+    from ..exporter.quantize import quantize_export
+    from ..manifest import read_manifest
+
+    source = read_manifest(directory, verify=False)
+    manifest = quantize_export(directory, out, weights=weights, per_channel=not per_tensor, force=force,
+                               log=lambda m: click.echo(m, err=True))
+    click.echo(f"wrote {out} ({weights} weights, {format_size(manifest.total_bytes)}; the float32 export is "
+               f"{format_size(source.total_bytes)})")
