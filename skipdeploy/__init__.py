@@ -8,6 +8,7 @@ from .errors import (BackendError, CapacityError, CheckpointError, ExportError, 
                      NumericalError, ScheduleError, SkipDeployError)
 from .runtime import GenerationConfig, GenerationResult, Runtime, load
 from .schedule import LayerSchedule, Schedule, TableSchedule
+from .serving import QueueFullError, ServingEngine
 
 
 def export(model, out, **kwargs):
@@ -30,5 +31,5 @@ def quantize(source, out, **kwargs):
 
 
 __all__ = ["BackendError", "CapacityError", "CheckpointError", "ExportError", "GenerationConfig", "GenerationResult",
-           "InputError", "LayerSchedule", "ManifestError", "NumericalError", "Runtime", "Schedule", "ScheduleError", "SkipDeployError",
-           "TableSchedule", "export", "load", "quantize", "__version__"]
+           "InputError", "LayerSchedule", "ManifestError", "NumericalError", "QueueFullError", "Runtime", "Schedule",
+           "ScheduleError", "ServingEngine", "SkipDeployError", "TableSchedule", "export", "load", "quantize", "__version__"]

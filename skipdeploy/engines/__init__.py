@@ -11,12 +11,24 @@ BACKENDS = ("onnxruntime", "torch", "tensorrt")
 DEVICES = ("cpu", "cuda")
 
 
-def create_engine(name: str, manifest: Manifest, device: str | None = None, **options) -> Engine:
+def create_engine(name: str, manifest: Manifest, device: str | None = None, inflight: bool = False,
+                  **options) -> Engine:
     """``device`` (None = the backend's default): onnxruntime and torch run on "cpu" (default)
-    or "cuda"; tensorrt runs on "cuda" only. Other options go to the backend's constructor."""
+    or "cuda"; tensorrt runs on "cuda" only. ``inflight``: an engine for in-flight batching
+    (``skipdeploy.serving``). Other options go to the backend's constructor."""
     kind, index = _parse_device(device)
     if index is not None:
         options["device_id"] = index
+    if inflight and (name not in ("onnxruntime", "torch") or kind == "cuda"):
+        raise BackendError(f"in-flight batching runs on the onnxruntime and torch backends on the CPU (asked for "
+                           f"{name} on {device}); the GPU backends serve static batches (skipdeploy.load)")
+    if name == "onnxruntime" and inflight:
+        try:
+            from .onnxruntime_inflight import InflightOnnxRuntimeEngine
+        except ImportError as exc:
+            raise BackendError(f"in-flight batching builds its graphs with onnx ({exc}); "
+                               "pip install 'skipdeploy[serve]'") from None
+        return InflightOnnxRuntimeEngine(manifest, **options)
     if name == "onnxruntime":
         if kind == "cuda":
             from .ortvalue_engine import OrtValueEngine

@@ -49,10 +49,27 @@ class KVCache:
         self.storage = storage
 
 
+class SlotCache:
+    """The in-flight engine's cache: per layer, key and value buffers [rows, heads, capacity,
+    head_dim] (BNSH), one slot of ``capacity`` positions per running request. A slot's row is
+    contiguous, so any run of consecutive slots is one dense block that binds in place."""
+
+    def __init__(self, keys: list[Any], values: list[Any], rows: int, capacity: int) -> None:
+        self.keys, self.values = keys, values
+        self.rows, self.capacity = rows, capacity
+
+
 class Engine(ABC):
-    """A backend: allocates cache buffers and runs the embed, layer and head graphs."""
+    """A backend: allocates cache buffers and runs the embed, layer and head graphs.
+
+    Engines that serve in-flight batching (``inflight = True``) also run a layer in three parts
+    on rows of hidden states [N, E] (see ``skipdeploy.serving``): ``layer_in`` (the projections
+    before attention, on all of the layer's rows at once), ``attend`` (each run of consecutive
+    slots over its own cached positions) and ``layer_out`` (the projections after attention).
+    """
 
     name = "engine"
+    inflight = False
 
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
@@ -95,6 +112,36 @@ class Engine(ABC):
     @abstractmethod
     def head(self, hidden: Any) -> np.ndarray:
         """float32 logits [B,V] of the last position."""
+
+    # -- in-flight batching -----------------------------------------------------------------------
+    def allocate_slots(self, rows: int, capacity: int) -> SlotCache:
+        raise BackendError(f"the {self.name} backend does not run in-flight batching; use onnxruntime or torch")
+
+    def layer_in(self, index: int, hidden: Any) -> tuple[Any, Any, Any]:
+        """Query, key and value [N, E] of layer ``index`` for hidden rows [N, E]."""
+        raise BackendError(f"the {self.name} backend does not run in-flight batching")
+
+    def attend(self, index: int, query: Any, key: Any, value: Any, context: Any, cache: SlotCache, first: int,
+               cached: np.ndarray, new: int) -> None:
+        """Attention of layer ``index`` for ``B = len(cached)`` consecutive slots from ``first``, each
+        with ``new`` positions (rows ``query[b*new:(b+1)*new]``) after its ``cached[b]`` positions:
+        writes their keys and values into the slots and the attention output into ``context``."""
+        raise BackendError(f"the {self.name} backend does not run in-flight batching")
+
+    def layer_out(self, index: int, hidden: Any, context: Any) -> Any:
+        """Hidden rows [N, E] after layer ``index``, from its input rows and attention output."""
+        raise BackendError(f"the {self.name} backend does not run in-flight batching")
+
+    def take_rows(self, hidden: Any, rows: np.ndarray) -> Any:
+        """A new [len(rows), E] block of hidden rows (in-flight batching gathers a layer's rows)."""
+        return hidden[rows]
+
+    def put_rows(self, hidden: Any, rows: np.ndarray, values: Any) -> None:
+        hidden[rows] = values
+
+    def empty_like(self, rows: Any) -> Any:
+        """An uninitialized block shaped like ``rows`` (where ``attend`` writes its output)."""
+        return np.empty_like(rows)
 
     # -- looking inside hidden states ------------------------------------------------------------
     def to_numpy(self, hidden: Any) -> np.ndarray:

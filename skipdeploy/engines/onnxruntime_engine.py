@@ -136,8 +136,9 @@ class OnnxRuntimeEngine(Engine):
         providers = providers or ["CPUExecutionProvider"]
         options = session_options(threads, shared_arena=providers == ["CPUExecutionProvider"])
 
-        def session(path) -> ort.InferenceSession:
-            loaded = ort.InferenceSession(str(path), options, providers=providers)
+        def session(path_or_bytes) -> ort.InferenceSession:
+            source = path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
+            loaded = ort.InferenceSession(source, options, providers=providers)
             release_free_heap()  # before the next graph, so the peak stays near the steady size
             return loaded
 
@@ -146,7 +147,9 @@ class OnnxRuntimeEngine(Engine):
             # that transient copy costs least while the process is small.
             self.head_session = session(manifest.path("head"))
             self.embed_session = session(manifest.path("embed"))
-            self.layer_sessions = [session(manifest.layer_path(i)) for i in range(self.spec.num_layers)]
+            self.layer_sessions = self._load_layers(session, threads)
+        except BackendError:
+            raise
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise BackendError(f"onnxruntime cannot load the export {manifest.directory}: {exc}") from None
         self._embed_io = PointerBinding(self.embed_session)
@@ -154,6 +157,10 @@ class OnnxRuntimeEngine(Engine):
         self._head_io = PointerBinding(self.head_session)
         self._free = FlatPool()
         self._buffers: dict[tuple, np.ndarray] = {}
+
+    def _load_layers(self, session, threads: int | None) -> list[ort.InferenceSession]:
+        """One session per exported layer graph (``session(path_or_bytes)`` loads one)."""
+        return [session(self.manifest.layer_path(i)) for i in range(self.spec.num_layers)]
 
     # -- buffers ---------------------------------------------------------------------------
     def _buffer(self, key: tuple, shape: tuple, dtype) -> np.ndarray:

@@ -27,6 +27,7 @@ from ..errors import BackendError
 from ..manifest import Manifest
 from ..numerics import MASK_VALUE, round_up
 from .base import Engine, KVCache
+from .torch_inflight import TorchInflight
 
 try:
     import onnx
@@ -105,7 +106,7 @@ class _PendingStep:
         return array if dtype is None else array.astype(dtype)
 
 
-class TorchEngine(Engine):
+class TorchEngine(TorchInflight, Engine):
     name = "torch"
 
     def __init__(self, manifest: Manifest, device: str = "cpu", dtype: str | None = None,

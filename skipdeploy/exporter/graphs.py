@@ -60,10 +60,11 @@ class _Builder:
                     epsilon=LN_EPS)
         return self.cast(y, "float32", self.dtype)
 
-    def model(self, name: str, inputs: list, outputs: list, opset: int) -> onnx.ModelProto:
+    def model(self, name: str, inputs: list, outputs: list, opset: int,
+              domains: dict[str, int] | None = None) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, name, inputs, outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                                  producer_name="skipdeploy")
+        imports = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in (domains or {}).items()]
+        model = helper.make_model(graph, opset_imports=imports, producer_name="skipdeploy")
         model.ir_version = min(model.ir_version, 10)
         return model
 
@@ -97,18 +98,10 @@ def build_layer(spec: ModelSpec, w: dict[str, np.ndarray | None], dtype: str, op
     E, H, D = spec.hidden_size, spec.num_heads, spec.head_dim
     b = _Builder(dtype)
     dt = _ONNX_DTYPE[dtype]
-
-    def W(key: str, keep_fp32: bool = False) -> str | None:
-        return None if w.get(key) is None else b.weight(key, w[key], keep_fp32)
-
-    ln_attn = (W("ln_attn.weight", True), W("ln_attn.bias", True))
-    ln_ffn = (W("ln_ffn.weight", True), W("ln_ffn.bias", True))
-    pre = spec.layer_norm == "pre"
+    W = _weights_of(b, w)
 
     x = b.op("Reshape", ["hidden", b.const([-1, E])])                                 # [B*T, E]
-    h = b.layer_norm(x, *ln_attn) if pre else x
-    qkv = b.gemm(h, W("qkv.weight"), W("qkv.bias"))
-    q, k, v = b.op("Split", [qkv, b.const([E, E, E])], 3, axis=1)
+    q, k, v = layer_input(b, spec, W, x)
     heads = b.op("Concat", [b.op("Shape", ["hidden"], start=0, end=2), b.const([H, D])], axis=0)  # B,T,H,D
     q = b.op("Transpose", [b.op("Reshape", [q, heads])], perm=[0, 2, 1, 3])          # [B,H,T,D]
     k, v = b.op("Reshape", [k, heads]), b.op("Reshape", [v, heads])                   # [B,T,H,D]
@@ -134,16 +127,7 @@ def build_layer(spec: ModelSpec, w: dict[str, np.ndarray | None], dtype: str, op
     context = b.op("Add", [b.op("MatMul", [past_probs, b.op("Transpose", ["past_value"], perm=[1, 2, 0, 3])]),
                            b.op("MatMul", [new_probs, b.op("Transpose", [v], perm=[0, 2, 1, 3])])])  # [B,H,T,D]
     context = b.op("Reshape", [b.op("Transpose", [context], perm=[0, 2, 1, 3]), b.const([-1, E])])
-    x = b.op("Add", [x, b.gemm(context, W("out_proj.weight"), W("out_proj.bias"))])
-    if not pre:
-        x = b.layer_norm(x, *ln_attn)
-
-    h = b.layer_norm(x, *ln_ffn) if pre else x
-    h = b.gemm(h, W("fc1.weight"), W("fc1.bias"))
-    h = _activation(b, h, spec.activation)
-    x = b.op("Add", [x, b.gemm(h, W("fc2.weight"), W("fc2.bias"))])
-    if not pre:
-        x = b.layer_norm(x, *ln_ffn)
+    x = layer_output(b, spec, W, x, context)
     b.op("Reshape", [x, b.op("Shape", ["hidden"])], ["hidden_out"])
 
     inputs = [_value("hidden", dt, ["batch", "new_tokens", E]),
@@ -155,6 +139,38 @@ def build_layer(spec: ModelSpec, w: dict[str, np.ndarray | None], dtype: str, op
                _value("value", dt, ["new_tokens", "batch", H, D])]
     assert [i.name for i in inputs] == LAYER_IO["inputs"] and [o.name for o in outputs] == LAYER_IO["outputs"]
     return b.model(name, inputs, outputs, opset)
+
+
+def _weights_of(b: _Builder, w: dict[str, np.ndarray | None]):
+    """``W(key)``: the initializer name of weight ``key`` (None when the model has none);
+    LayerNorm parameters stay float32."""
+    def W(key: str) -> str | None:
+        return None if w.get(key) is None else b.weight(key, w[key], keep_fp32=key.startswith("ln_"))
+    return W
+
+
+def layer_input(b: _Builder, spec: ModelSpec, W, x: str) -> list[str]:
+    """The part of a layer before attention, on rows x [N, E]: query, key, value [N, E] each
+    (LayerNorm first in pre-LN models; the query scaling is folded into ``qkv.weight``)."""
+    E = spec.hidden_size
+    h = b.layer_norm(x, W("ln_attn.weight"), W("ln_attn.bias")) if spec.layer_norm == "pre" else x
+    qkv = b.gemm(h, W("qkv.weight"), W("qkv.bias"))
+    return b.op("Split", [qkv, b.const([E, E, E])], 3, axis=1)
+
+
+def layer_output(b: _Builder, spec: ModelSpec, W, x: str, context: str) -> str:
+    """The part of a layer after attention, on rows: the residual x [N, E] and the attention
+    context [N, E] through out_proj, the feed-forward block and the LayerNorms -> [N, E]."""
+    pre = spec.layer_norm == "pre"
+    x = b.op("Add", [x, b.gemm(context, W("out_proj.weight"), W("out_proj.bias"))])
+    if not pre:
+        x = b.layer_norm(x, W("ln_attn.weight"), W("ln_attn.bias"))
+    h = b.layer_norm(x, W("ln_ffn.weight"), W("ln_ffn.bias")) if pre else x
+    h = _activation(b, b.gemm(h, W("fc1.weight"), W("fc1.bias")), spec.activation)
+    x = b.op("Add", [x, b.gemm(h, W("fc2.weight"), W("fc2.bias"))])
+    if not pre:
+        x = b.layer_norm(x, W("ln_ffn.weight"), W("ln_ffn.bias"))
+    return x
 
 
 def _activation(b: _Builder, x: str, kind: str) -> str:

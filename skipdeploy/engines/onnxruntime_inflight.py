@@ -1,0 +1,110 @@
+"""onnxruntime for in-flight batching: each layer split around its attention (``slot_graphs``).
+
+The embedding and LM head are the export's own graphs; every decoder layer becomes a
+``layer_in`` and a ``layer_out`` session built in memory from the layer graph's weights, and one
+weightless ``slot_attention`` session (onnxruntime's GroupQueryAttention) serves all layers. The
+slot cache is one numpy buffer per layer for keys and one for values, [rows, H, C, D]; a run of
+consecutive slots is bound in place, and the attention writes the new keys and values straight
+into it (``present_*`` bound to the past's memory). Nothing in a step copies the cache.
+
+Only the layer sessions differ from ``OnnxRuntimeEngine``, so the weights are pre-packed once:
+the monolithic layer graphs are not loaded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import BackendError
+from ..exporter.slot_graphs import build_layer_in, build_layer_out, build_slot_attention, read_layer_weights
+from ..manifest import Manifest
+from .base import SlotCache
+from .onnxruntime_engine import OnnxRuntimeEngine, PointerBinding
+
+
+class InflightOnnxRuntimeEngine(OnnxRuntimeEngine):
+    name = "onnxruntime"
+    inflight = True
+
+    def __init__(self, manifest: Manifest, threads: int | None = None) -> None:
+        if manifest.dtype != "float32" or manifest.quantization:
+            raise BackendError(f"in-flight batching on onnxruntime runs float32 exports; {manifest.directory} is "
+                               f"{(manifest.quantization or {}).get('weights') or manifest.dtype}")
+        super().__init__(manifest, threads=threads)
+
+    def _load_layers(self, session, threads: int | None) -> list:
+        spec, manifest, opset = self.spec, self.manifest, self.manifest.opset
+        self.in_sessions, self.out_sessions = [], []
+        for i in range(spec.num_layers):
+            weights = read_layer_weights(manifest.layer_path(i))
+            self.in_sessions.append(session(build_layer_in(spec, weights, manifest.dtype, opset).SerializeToString()))
+            self.out_sessions.append(session(build_layer_out(spec, weights, manifest.dtype, opset)
+                                             .SerializeToString()))
+            del weights
+        self.attention_session = session(build_slot_attention(spec, manifest.dtype, opset).SerializeToString())
+        self._in_io = [PointerBinding(s) for s in self.in_sessions]
+        self._out_io = [PointerBinding(s) for s in self.out_sessions]
+        self._attention_io = PointerBinding(self.attention_session)
+        return []
+
+    def _layer(self, index, hidden, cache, past, attention_bias):
+        raise BackendError("this engine runs in-flight batching only; load the export with skipdeploy.load for "
+                           "static batches")
+
+    # -- in-flight batching ---------------------------------------------------------------------
+    def allocate_slots(self, rows: int, capacity: int) -> SlotCache:
+        H, D = self.spec.num_heads, self.spec.head_dim
+        # Zeroed: GroupQueryAttention reads only each row's own positions, but finite memory keeps
+        # any kernel that touches the whole capacity from meeting NaN.
+        shape = (rows, H, capacity, D)
+        return SlotCache([np.zeros(shape, self.dtype) for _ in range(self.spec.num_layers)],
+                         [np.zeros(shape, self.dtype) for _ in range(self.spec.num_layers)], rows, capacity)
+
+    def layer_in(self, index: int, hidden: np.ndarray):
+        hidden = np.ascontiguousarray(hidden, self.dtype)
+        N, E = hidden.shape
+        q, k, v = (self._buffer((name, N), (N, E), self.dtype) for name in ("query", "key", "value"))
+        io = self._in_io[index]
+        io.input("hidden", self.dtype, [N, E], hidden.ctypes.data)
+        for name, out in (("query", q), ("key", k), ("value", v)):
+            io.output(name, self.dtype, [N, E], out.ctypes.data)
+        io.run()
+        return q, k, v
+
+    def attend(self, index: int, query, key, value, context, cache: SlotCache, first: int, cached: np.ndarray,
+               new: int) -> None:
+        B = len(cached)
+        H, D, E, C = self.spec.num_heads, self.spec.head_dim, self.spec.hidden_size, cache.capacity
+        if first < 0 or first + B > cache.rows or int(np.max(cached)) + new > C:
+            raise BackendError(f"layer {index}: slots {first}..{first + B - 1} with {int(np.max(cached)) + new} "
+                               f"positions do not fit the slot cache ({cache.rows} rows of {C})")
+        for rows in (query, key, value, context):
+            if rows.shape != (B * new, E) or not rows.flags.c_contiguous:
+                raise BackendError(f"layer {index}: attention rows must be contiguous [{B * new}, {E}] arrays")
+        seqlens = (np.asarray(cached, np.int32) + (new - 1)).astype(np.int32)
+        total = np.array(int(np.max(cached)) + new, np.int32)
+        slot = H * C * D * np.dtype(self.dtype).itemsize
+        keys = cache.keys[index].ctypes.data + first * slot
+        values = cache.values[index].ctypes.data + first * slot
+        io = self._attention_io
+        for name, rows in (("query", query), ("key", key), ("value", value)):
+            io.input(name, self.dtype, [B, new, E], rows.ctypes.data)
+        io.input("past_key", self.dtype, [B, H, C, D], keys)
+        io.input("past_value", self.dtype, [B, H, C, D], values)
+        io.input("seqlens_k", np.int32, [B], seqlens.ctypes.data)
+        io.input("total_sequence_length", np.int32, [], total.ctypes.data)
+        io.output("context", self.dtype, [B, new, E], context.ctypes.data)
+        io.output("present_key", self.dtype, [B, H, C, D], keys)
+        io.output("present_value", self.dtype, [B, H, C, D], values)
+        io.run()
+
+    def layer_out(self, index: int, hidden: np.ndarray, context: np.ndarray) -> np.ndarray:
+        hidden = np.ascontiguousarray(hidden, self.dtype)
+        N, E = hidden.shape
+        out = np.empty((N, E), self.dtype)  # the caller keeps it: a fresh array, not a reused buffer
+        io = self._out_io[index]
+        io.input("hidden", self.dtype, [N, E], hidden.ctypes.data)
+        io.input("context", self.dtype, [N, E], context.ctypes.data)
+        io.output("hidden_out", self.dtype, [N, E], out.ctypes.data)
+        io.run()
+        return out

@@ -1,0 +1,274 @@
+"""``ServingEngine``: in-flight batching of many requests, each with its own SkipDecode schedule.
+
+One thread owns the backend and runs iterations (``iteration.py``); requests join between
+iterations (their prompts run in chunks alongside the decode steps of the others) and leave as
+soon as they finish (EOS, a stop, their length, cancellation, an error), freeing their slot.
+Every request gets exactly the tokens ``Runtime.generate`` gives it alone with the same schedule
+and knobs (up to float rounding under a different batch shape, which can only flip a near-tie).
+
+Memory is fixed when the engine starts: a slot cache of ``max_batch`` slots of ``max_length``
+positions per layer, checked against what the machine has free. A request takes one slot for its
+lifetime; one that finds none waits in a bounded queue, and past the queue it is refused
+(``QueueFullError``). Load never grows memory.
+
+    engine = ServingEngine("opt-sd", max_batch=16)
+    request = engine.submit([2, 100, 200], max_new_tokens=32, schedule=Schedule.target_speedup(12, 2))
+    for token in request.stream(): ...          # or request.result(); ``async for`` with astream()
+    engine.shutdown()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..engines import create_engine
+from ..errors import CapacityError, InputError, SkipDeployError
+from ..manifest import read_manifest
+from ..numerics import itemsize
+from ..runtime.generator import DEFAULT, GenerationResult
+from ..runtime.inputs import prompt_rows
+from ..runtime.kv import format_bytes
+from ..runtime.sampling import GenerationConfig
+from ..runtime.tokenizer import Tokenizer
+from ..schedule import LayerSchedule
+from . import iteration
+from .request import Request
+
+POLICIES = ("continuous", "drain")
+
+
+class QueueFullError(CapacityError):
+    """Every slot is busy and the waiting queue is full: try again later."""
+
+
+class ServingEngine:
+    """In-flight batching over one loaded export.
+
+    ``policy``: ``continuous`` admits a waiting request as soon as a slot is free; ``drain``
+    admits only when nothing runs (static batches, for comparison). ``prefill_chunk``: prompt
+    positions run per iteration, in all, so that a long prompt does not stall the running rows
+    for its whole length. ``observer``: an object whose optional methods ``on_iteration(stats,
+    seconds)`` and ``on_finish(request)`` the engine's thread calls (the server's metrics).
+    """
+
+    def __init__(self, directory: str | Path, *, backend: str = "onnxruntime", threads: int | None = None,
+                 max_batch: int = 16, max_queue: int = 64, max_length: int | None = None, prefill_chunk: int = 64,
+                 policy: str = "continuous", schedule: LayerSchedule | None = None, check_files: bool = True,
+                 memory_limit: int | None = None, observer=None) -> None:
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_queue" else 1):
+                raise InputError(f"{name} must be an integer >= {0 if name == 'max_queue' else 1} (got {value!r})")
+        if policy not in POLICIES:
+            raise InputError(f"unknown admission policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        self.manifest = read_manifest(directory, verify=check_files)
+        self.spec = self.manifest.model
+        limit = min(self.manifest.limits.get("max_length", self.spec.max_positions), self.spec.max_positions)
+        self.max_length = min(max_length or limit, limit)
+        if self.max_length < 2:
+            raise InputError(f"max_length must be >= 2 (got {max_length})")
+        self.schedule = schedule or self.manifest.schedule
+        if self.schedule.num_layers != self.spec.num_layers:
+            raise InputError(f"the schedule is for {self.schedule.num_layers} layers, the model has "
+                             f"{self.spec.num_layers}")
+        options = {"threads": threads} if threads and backend == "onnxruntime" else {}
+        self.engine = create_engine(backend, self.manifest, inflight=True, **options)
+        self.max_batch, self.max_queue, self.prefill_chunk, self.policy = max_batch, max_queue, prefill_chunk, policy
+        self.slot_bytes = 2 * self.spec.num_layers * self.max_length * self.spec.hidden_size * \
+            itemsize(self.manifest.dtype)
+        need, free = self.slot_bytes * max_batch, self.engine.available_memory()
+        if memory_limit is not None:
+            free = min(free, memory_limit) if free is not None else memory_limit
+        if free is not None and need > free:
+            raise CapacityError(f"{max_batch} slots of {self.max_length} positions need {format_bytes(need)} of KV "
+                                f"cache and {format_bytes(free)} is available; lower max_batch or max_length")
+        self.cache = self.engine.allocate_slots(max_batch, self.max_length)
+        self.observer = observer
+        self._tokenizer: Tokenizer | None = None
+        self._queue: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._free_slots = list(range(max_batch - 1, -1, -1))
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="skipdeploy-engine", daemon=True)
+        self._thread.start()
+
+    # -- text ------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            if self.manifest.tokenizer_path is None:
+                raise InputError(f"the export {self.manifest.directory} has no tokenizer: pass token ids")
+            self._tokenizer = Tokenizer(self.manifest.tokenizer_path)
+        return self._tokenizer
+
+    # -- requests --------------------------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], max_new_tokens: int | None = None, schedule: LayerSchedule | None = None,
+               *, config: GenerationConfig | None = None, eos_token_id=DEFAULT, request_id: str | None = None,
+               **knobs) -> Request:
+        """Queue one prompt (token ids); returns its :class:`Request` at once. Called from a running
+        asyncio loop, the request can also be read with ``async for token in request.astream()``.
+        Bad input raises here (``InputError``, ``CapacityError``); a full queue ``QueueFullError``."""
+        unknown = set(knobs) - set(GenerationConfig.__dataclass_fields__)
+        if unknown:
+            raise InputError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
+        config = (config or GenerationConfig()).updated(max_new_tokens=max_new_tokens, **knobs)
+        config.validate(self.spec.vocab_size)
+        if config.stop_strings:
+            self.tokenizer  # noqa: B018 - stop strings need text: fail now, not mid-generation
+        schedule = schedule or self.schedule
+        if schedule.num_layers != self.spec.num_layers:
+            raise InputError(f"the schedule is for {schedule.num_layers} layers, the model has {self.spec.num_layers}")
+        row = prompt_rows([prompt], self.spec.vocab_size)[0]
+        needed = len(row) + config.max_new_tokens - 1  # the last generated token is never fed back
+        if needed > self.max_length:
+            raise CapacityError(f"a prompt of {len(row)} tokens plus {config.max_new_tokens} new tokens needs "
+                                f"{needed} positions; this engine allows {self.max_length}")
+        eos = self.spec.eos_token_id if eos_token_id is DEFAULT else eos_token_id
+        eos = set() if eos is None else {int(t) for t in (eos if isinstance(eos, (list, tuple, set)) else [eos])}
+        request = Request(row, config, schedule, eos, self.spec.num_layers, request_id)
+        try:
+            request.attach_loop(asyncio.get_running_loop())
+        except RuntimeError:
+            pass  # not called from a running event loop
+        with self._cond:
+            if self._stopping:
+                raise SkipDeployError("the engine is shutting down and takes no new requests")
+            if len(self._queue) >= self.max_queue + len(self._free_slots):
+                raise QueueFullError(f"all {self.max_batch} slots are busy and {len(self._queue)} requests wait "
+                                     f"(the queue holds {self.max_queue}); try again later")
+            self._queue.append(request)
+            self._cond.notify_all()
+        return request
+
+    def generate(self, prompt: Sequence[int], max_new_tokens: int | None = None, schedule: LayerSchedule | None = None,
+                 **kwargs) -> GenerationResult:
+        """Submit and wait: the same result ``Runtime.generate([prompt], ...)`` returns."""
+        return self.submit(prompt, max_new_tokens, schedule, **kwargs).result()
+
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def cache_bytes_in_use(self) -> int:
+        return self.slot_bytes * len(self._running)
+
+    @property
+    def ready(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def shutdown(self, drain_timeout: float | None = 30.0) -> None:
+        """Stop admitting; let running and queued requests finish (at most ``drain_timeout``
+        seconds, then cancel what is left), and stop the engine's thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        deadline = None if drain_timeout is None else time.monotonic() + drain_timeout
+        while self._thread.is_alive():
+            if deadline is not None and time.monotonic() > deadline:
+                with self._cond:
+                    for r in list(self._queue) + self._running:
+                        r.cancel()
+                    self._cond.notify_all()
+                deadline = None
+            self._thread.join(0.05)
+
+    # -- the engine's thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._drop_cancelled_waiting()
+                self._admit()
+                if not self._running:
+                    if self._stopping and not self._queue:
+                        return
+                    self._cond.wait(0.5)
+                    continue
+                running = list(self._running)
+            self._iterate(running)
+
+    def _admit(self) -> None:
+        if self.policy == "drain" and self._running:
+            return
+        while self._queue and self._free_slots:
+            request = self._queue.popleft()
+            request.slot = self._free_slots.pop()
+            request.admitted = time.perf_counter()
+            self._running.append(request)
+
+    def _drop_cancelled_waiting(self) -> None:
+        for request in [r for r in self._queue if r.cancelled]:
+            self._queue.remove(request)
+            self._finished(request, "cancelled")
+
+    def _iterate(self, running: list[Request]) -> None:
+        for request in [r for r in running if r.cancelled]:
+            self._release(request, "cancelled")
+            running.remove(request)
+        parts = iteration.plan(running, self.prefill_chunk)
+        if not parts:
+            return
+        start = time.perf_counter()
+        try:
+            logits, stats = iteration.run(self.engine, self.cache, parts)
+        except SkipDeployError as exc:  # fail this iteration's requests, keep serving the others
+            for p in parts:
+                self._release(p.request, "error", str(exc))
+            return
+        row = 0
+        for p in parts:
+            if p.prefill:
+                p.request.prefilled += len(p.ids)
+            if not p.logits:
+                continue
+            request = p.request
+            token = int(request.picker.pick(logits[row:row + 1])[0])
+            row += 1
+            request.emit(token, len(p.layers))
+            reason = self._finish_reason(request, token)
+            if reason:
+                self._release(request, reason)
+        self._notify("on_iteration", stats, time.perf_counter() - start)
+
+    def _finish_reason(self, request: Request, token: int) -> str | None:
+        if token in request.eos:
+            return "eos"
+        if token in request.config.stop_token_ids:
+            return "stop"
+        if request.config.stop_strings:
+            text = self.tokenizer.decode(request.tokens)
+            if any(stop in text for stop in request.config.stop_strings):
+                return "stop"
+        if len(request.tokens) >= request.config.max_new_tokens:
+            return "length"
+        return None
+
+    def _release(self, request: Request, reason: str, error: str | None = None) -> None:
+        with self._cond:
+            if request in self._running:
+                self._running.remove(request)
+                self._free_slots.append(request.slot)
+                self._cond.notify_all()
+        self._finished(request, reason, error)
+
+    def _finished(self, request: Request, reason: str, error: str | None = None) -> None:
+        request.finish(reason, error)
+        self._notify("on_finish", request)
+
+    def _notify(self, event: str, *args) -> None:
+        hook: Callable | None = getattr(self.observer, event, None)
+        if hook is not None:
+            try:
+                hook(*args)
+            except Exception:  # metrics must never take the engine down
+                pass
