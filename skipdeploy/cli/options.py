@@ -14,8 +14,9 @@ from typing import Callable
 
 import click
 
-from ..errors import SkipDeployError
-from ..schedule import LayerSchedule, Schedule, TableSchedule
+from ..errors import ScheduleError, SkipDeployError
+from ..schedule import LayerSchedule
+from ..schedule_options import schedule_from_options
 
 
 def _apply(func, options):
@@ -135,45 +136,18 @@ def pop_schedule_options(kwargs: dict) -> dict:
 
 
 def schedule_from(opts: dict, num_layers: int, default: LayerSchedule | None, decode_steps: int | None) -> LayerSchedule:
-    """The schedule the flags describe. Flags that give only part of a schedule modify the default
-    one (``--warmup-layers 2`` keeps an export's fine-tuned decay); ``decode_steps`` (the decode
-    steps of this generation, None where nothing is generated) is the decay of a new schedule."""
-    target, max_l, min_l = opts.get("target_speedup"), opts.get("max_layers"), opts.get("min_layers")
-    warmup, decay, prompt = opts.get("warmup_layers"), opts.get("decay_tokens"), opts.get("prompt_layers")
-    table = opts.get("table")
-    given = [k for k in ("target_speedup", "max_layers", "min_layers", "warmup_layers", "decay_tokens",
-                         "prompt_layers") if opts.get(k) is not None]
-    if opts.get("full"):
-        if given or table is not None:
-            raise click.UsageError("--full excludes the other schedule options")
-        return Schedule.full(num_layers)
-    linear = default if isinstance(default, Schedule) and not default.is_full() else None
-    if table is not None:
-        if any(v is not None for v in (target, max_l, min_l, decay)):
-            raise click.UsageError("--table replaces --target-speedup/--max-layers/--min-layers/--decay-tokens")
-        base = default if default is not None and not default.is_full() else None
-        return TableSchedule(num_layers, comma_list(table, "--table", int),
-                             warmup_layers=warmup if warmup is not None else (base.warmup_layers if base else 1),
-                             prompt=prompt or (base.prompt if base else "full"))
-    if not given:
-        return default or Schedule.full(num_layers)
-    if target is not None and (max_l is not None or min_l is not None):
-        raise click.UsageError("--target-speedup picks --max-layers/--min-layers itself; give one or the other")
-    if isinstance(default, TableSchedule) and not default.is_full() and {"max_layers", "min_layers", "decay_tokens"} \
-            .isdisjoint(given) and target is None:
-        return TableSchedule(num_layers, default.tops, warmup if warmup is not None else default.warmup_layers,
-                             prompt or default.prompt)
-    fresh_decay = max(1, decode_steps) if decode_steps is not None else 64
-    warmup = warmup if warmup is not None else (linear.warmup_layers if linear else 1)
-    prompt = prompt or (linear.prompt if linear else "full")
-    if target is not None:
-        return Schedule.target_speedup(num_layers, target, decay_tokens=decay if decay is not None else fresh_decay,
-                                       warmup_layers=warmup, prompt=prompt)
-    if linear is not None:
-        return Schedule(num_layers, max_l if max_l is not None else linear.max_layers,
-                        min_l if min_l is not None else linear.min_layers,
-                        decay if decay is not None else linear.decay_tokens, warmup, prompt)
-    return Schedule(num_layers, max_l, min_l, decay if decay is not None else fresh_decay, warmup, prompt)
+    """The schedule the flags describe (``schedule_options.schedule_from_options``); a flag
+    conflict is a usage error."""
+    opts = {k: v for k, v in opts.items() if v is not None and v is not False}
+    if "table" in opts:
+        opts["table"] = comma_list(opts["table"], "--table", int)
+    try:
+        return schedule_from_options(opts, num_layers, default, decode_steps)
+    except ScheduleError as exc:
+        conflict = any(word in str(exc) for word in ("excludes", "replaces", "give one or the other"))
+        if conflict:  # flags that contradict each other: a usage error, as click's own
+            raise click.UsageError(str(exc).replace("_", "-")) from None
+        raise
 
 
 def sampling_options(func):
