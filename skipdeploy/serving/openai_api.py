@@ -1,0 +1,325 @@
+"""The OpenAI completions API, without HTTP: a request body in, checked parameters out; a finished
+(or streaming) request in, response bodies out; and the OpenAI error body.
+
+Parameters follow ``POST /v1/completions`` (prompt, max_tokens, temperature, top_p, n, seed,
+stop, stream, stream_options, echo, model), plus the extensions ``skipdecode`` (a schedule, as
+``schedule_options``), ``top_k`` and ``repetition_penalty``. Unknown fields are ignored, as
+OpenAI does; fields the engine cannot honour (logprobs, best_of > n, suffix, logit_bias,
+presence/frequency penalties) are a 400 rather than silently dropped. docs/serving.md is the
+user's side of this module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from ..errors import SkipDeployError
+from ..schedule_options import schedule_from_options
+
+DEFAULT_MAX_TOKENS = 16       # OpenAI's default
+DEFAULT_TEMPERATURE = 1.0     # OpenAI's default; 0 is greedy
+MAX_CHOICES = 128             # prompts x n in one request
+MAX_STOP = 4                  # stop sequences, as OpenAI
+MAX_STOP_CHARS = 256
+_UNSUPPORTED_ZERO = ("presence_penalty", "frequency_penalty")
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+class APIError(Exception):
+    """An HTTP error with OpenAI's body ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def from_validation_errors(errors: Sequence[dict]) -> APIError:
+    """FastAPI's request validation errors (its 422) as one 400."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return invalid(f"the body is not valid JSON{f' ({detail})' if detail else ''}", code="invalid_json")
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if not loc:
+        return invalid("the body must be a JSON object (Content-Type: application/json)", code="invalid_body")
+    return invalid(f"{'.'.join(loc)}: {first.get('msg', 'invalid value')}", ".".join(loc))
+
+
+# -- request ----------------------------------------------------------------------------------------
+@dataclass
+class CompletionParams:
+    prompts: list              # each a str or a list of token ids
+    model: str | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    echo: bool = False
+    stream: bool = False
+    include_usage: bool = False
+    skipdecode: dict | None = None
+
+    def knobs(self, index: int) -> dict:
+        """``ServingEngine.submit`` keywords of choice ``index``: with a seed, choice i draws from
+        ``seed + i`` (mod 2**64), so choice 0 is what the same request with n=1 returns."""
+        seed = None if self.seed is None else (self.seed + index) % 2**64
+        return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                    repetition_penalty=self.repetition_penalty, seed=seed, stop_strings=self.stop)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _field(body: dict, name: str, check: Callable[[Any], bool], what: str, default: Any = None) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not check(value):
+        raise invalid(f"{name} must be {what} (got {json.dumps(value)[:80]})", name)
+    return value
+
+
+def parse_completion(body: dict) -> CompletionParams:
+    """Check every field's type and range that does not depend on the model; raise APIError (400)."""
+    if not isinstance(body, dict):
+        raise invalid("the body must be a JSON object", code="invalid_body")
+    model = _field(body, "model", lambda v: isinstance(v, str), "a string")
+    prompts = _prompts(body.get("prompt"))
+    max_tokens = _field(body, "max_tokens", lambda v: _is_int(v) and v >= 1, "an integer >= 1", DEFAULT_MAX_TOKENS)
+    temperature = _field(body, "temperature", lambda v: _is_number(v) and 0 <= v <= 2, "a number in [0, 2]",
+                         DEFAULT_TEMPERATURE)
+    top_p = _field(body, "top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]", 1.0)
+    top_k = _field(body, "top_k", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: off)", 0)
+    penalty = _field(body, "repetition_penalty", lambda v: _is_number(v) and v > 0, "a number > 0 (1: off)", 1.0)
+    seed = _field(body, "seed", lambda v: _is_int(v) and -2**63 <= v < 2**64, "a 64-bit integer")
+    n = _field(body, "n", lambda v: _is_int(v) and 1 <= v <= MAX_CHOICES, f"an integer in [1, {MAX_CHOICES}]", 1)
+    if len(prompts) * n > MAX_CHOICES:
+        raise invalid(f"{len(prompts)} prompts x n={n} asks for more than {MAX_CHOICES} completions", "n")
+    echo = _field(body, "echo", lambda v: isinstance(v, bool), "a boolean", False)
+    stream = _field(body, "stream", lambda v: isinstance(v, bool), "a boolean", False)
+    options = _field(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
+    include_usage = _field(options, "include_usage", lambda v: isinstance(v, bool), "a boolean", False)
+    skipdecode = _field(body, "skipdecode", lambda v: isinstance(v, dict), "an object")
+    _unsupported(body, n)
+    return CompletionParams(prompts, model, max_tokens, float(temperature), float(top_p), top_k, float(penalty),
+                            None if seed is None else seed % 2**64, _stop(body.get("stop")), n, echo, stream,
+                            include_usage, skipdecode)
+
+
+def _prompts(prompt: Any) -> list:
+    what = "a string, a list of strings, a list of token ids or a list of lists of token ids"
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise invalid(f"prompt must be {what}" if prompt != [] else "prompt is empty", "prompt")
+    text = isinstance(prompt[0], str)
+    for p in prompt:
+        if not (isinstance(p, str) if text else isinstance(p, list) and all(_is_int(t) for t in p)):
+            raise invalid(f"prompt must be {what}", "prompt")
+        if not p:
+            raise invalid("a prompt is empty", "prompt")
+    if len(prompt) > MAX_CHOICES:
+        raise invalid(f"at most {MAX_CHOICES} prompts per request", "prompt")
+    return prompt
+
+
+def _stop(stop: Any) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > MAX_STOP or \
+            not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise invalid(f"stop must be a non-empty string or a list of at most {MAX_STOP} (of at most "
+                      f"{MAX_STOP_CHARS} characters each)", "stop")
+    return tuple(stops)
+
+
+def _unsupported(body: dict, n: int) -> None:
+    def refuse(name: str, why: str = "") -> APIError:
+        return invalid(f"{name} is not supported by this server{why}", name, "unsupported_parameter")
+
+    if body.get("logprobs") is not None:
+        raise refuse("logprobs", " (the engine does not return log-probabilities)")
+    if body.get("best_of") not in (None, n):
+        raise refuse("best_of", " (other than n)")
+    if body.get("suffix") not in (None, ""):
+        raise refuse("suffix")
+    if body.get("logit_bias") not in (None, {}):
+        raise refuse("logit_bias")
+    for name in _UNSUPPORTED_ZERO:
+        if body.get(name) not in (None, 0, 0.0):
+            raise refuse(name, "; repetition_penalty (Hugging Face semantics) is")
+
+
+def prompt_ids(params: CompletionParams, encode: Callable[[str], list[int]] | None, vocab_size: int,
+               max_length: int) -> list[list[int]]:
+    """The prompts as token ids, each checked against the vocabulary and the engine's length: a
+    prompt of P tokens with max_tokens M needs P + M - 1 positions (the last token is not fed back)."""
+    rows = []
+    for p in params.prompts:
+        if isinstance(p, str):
+            if encode is None:
+                raise invalid("this model has no tokenizer: send the prompt as token ids", "prompt")
+            p = encode(p)
+        bad = next((t for t in p if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise invalid(f"token id {bad} is outside the vocabulary [0, {vocab_size})", "prompt")
+        if len(p) + params.max_tokens - 1 > max_length:
+            raise invalid(f"this model's maximum context length is {max_length} tokens; the prompt has {len(p)} "
+                          f"tokens and max_tokens is {params.max_tokens} (a prompt of P tokens allows "
+                          f"max_tokens <= {max_length} - P + 1)", "max_tokens", "context_length_exceeded")
+        rows.append(list(p))
+    return rows
+
+
+def request_schedule(params: CompletionParams, num_layers: int, default):
+    """The schedule of the request's ``skipdecode`` object (what the CLI's schedule flags mean,
+    modifying the server's default; a new decay spans the request's max_tokens - 1 decode steps),
+    or the default without one."""
+    options = params.skipdecode
+    if options is None:
+        return default
+    if "full" in options and not isinstance(options["full"], bool):
+        raise invalid("skipdecode.full must be a boolean", "skipdecode")
+    if any(isinstance(v, float) and not math.isfinite(v) for v in options.values()):
+        raise invalid("skipdecode values must be finite numbers", "skipdecode")
+    try:
+        return schedule_from_options(options, num_layers, default, params.max_tokens - 1)
+    except (SkipDeployError, TypeError, ValueError) as exc:
+        raise invalid(f"skipdecode: {exc}", "skipdecode", "invalid_schedule") from None
+
+
+# -- text -------------------------------------------------------------------------------------------
+class CompletionText:
+    """One choice's text as its tokens come, with OpenAI's stop semantics: the text ends before the
+    first stop string. ``add`` returns what can be sent now (it holds back half a UTF-8 character and
+    any tail that may begin a stop string); ``rest`` the remainder once the request is done. The
+    deltas join to ``text()``."""
+
+    def __init__(self, decode: Callable[[list[int]], str] | None, stop: tuple[str, ...] = (),
+                 tokens: Sequence[int] = ()) -> None:
+        self.decode, self.stop = decode, stop
+        self.tokens: list[int] = list(tokens)
+        self.sent = ""
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        if self.decode is None:
+            return ""
+        text = self.decode(self.tokens)
+        cut = self._stop_at(text)
+        if cut is None:
+            cut = len(text) - self._unsafe_tail(text)
+        return self._delta(text[:cut])
+
+    def rest(self) -> str:
+        return self._delta(self.text())
+
+    def text(self) -> str:
+        if self.decode is None:
+            return ""
+        text = self.decode(self.tokens)
+        cut = self._stop_at(text)
+        return text if cut is None else text[:cut]
+
+    def _delta(self, visible: str) -> str:
+        if len(visible) <= len(self.sent) or not visible.startswith(self.sent):
+            return ""
+        delta, self.sent = visible[len(self.sent):], visible
+        return delta
+
+    def _stop_at(self, text: str) -> int | None:
+        found = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        return min(found) if found else None
+
+    def _unsafe_tail(self, text: str) -> int:
+        tail = len(text) - len(text.rstrip("\ufffd"))  # an incomplete multi-byte character so far
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    tail = max(tail, k)
+                    break
+        return tail
+
+
+# -- response ---------------------------------------------------------------------------------------
+def completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def echo_text(prompt, ids: list[int], decode) -> str:
+    """What ``echo`` puts before the completion: a text prompt as sent, token ids decoded."""
+    if isinstance(prompt, str):
+        return prompt
+    return decode(ids) if decode is not None else ""
+
+
+def finish_reason(request) -> str:
+    return FINISH_REASONS.get(request.finish_reason, "length")
+
+
+def choice_extension(request) -> dict:
+    """Per choice: the generated token ids, the layers run for each token (entry 0: the prompt's,
+    which produce token 0) and their mean over the decode steps (tokens 1..; as
+    ``GenerationResult.mean_layers_per_token``)."""
+    layers = list(request.layers_per_step)
+    steps = layers[1:]
+    mean = sum(steps) / len(steps) if steps else float(len(request.schedule.prompt_layers()))
+    return {"token_ids": list(request.tokens), "layers_per_token": layers, "mean_layers": mean,
+            "layer_speedup": request.schedule.num_layers / mean if mean else None}
+
+
+def schedule_extension(schedule) -> dict:
+    return {"schedule": schedule.to_dict(), "num_layers": schedule.num_layers}
+
+
+def choice(index: int, text: str, reason: str | None, extension: dict | None = None) -> dict:
+    body = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+    if extension is not None:
+        body["skipdecode"] = extension
+    return body
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(id: str, created: int, model: str, choices: list[dict], usage_block: dict | None,
+               schedule=None) -> dict:
+    """A response body (``usage_block`` None: a stream chunk without usage)."""
+    body: dict = {"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices}
+    if usage_block is not None:
+        body["usage"] = usage_block
+    if schedule is not None:
+        body["skipdecode"] = schedule_extension(schedule)
+    return body
+
+
+def sse(data: dict | str) -> str:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
