@@ -24,7 +24,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -93,7 +92,7 @@ class Server:
 def stream_completion(url: str, prompt: list[int], max_tokens: int, timeout: float) -> dict:
     """One streaming completion; the arrival time of every token."""
     body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True}).encode()
+                       "stream": True, "ignore_eos": True}).encode()
     request = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
     start = time.perf_counter()
     times: list[float] = []
@@ -199,7 +198,7 @@ def main() -> int:
                                                                       decay_tokens=args.decay_tokens),
                                               ["--target-speedup", str(args.target_speedup),
                                                "--decay-tokens", str(args.decay_tokens)])}
-    common = ["--max-batch", str(args.max_batch), "--prefill-chunk", str(args.prefill_chunk),
+    common = ["--model-name", "bench", "--max-batch", str(args.max_batch), "--prefill-chunk", str(args.prefill_chunk),
               *(["--threads", str(args.threads)] if args.threads else [])]
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     rows = []
@@ -224,7 +223,8 @@ def main() -> int:
                 server.stop()
         rows.append({"schedule": name, "contender": f"static batches of {args.clients}",
                      **static_batches(args.export, jobs, args.clients, schedule, args.threads)})
-        print_rows(rows)
+        print(f"{name}: done", file=sys.stderr, flush=True)
+    print_rows(rows)
     results = {"export": args.export, "config": vars(args), "cores": os.cpu_count(), "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")

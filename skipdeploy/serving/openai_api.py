@@ -75,13 +75,15 @@ class CompletionParams:
     stream: bool = False
     include_usage: bool = False
     skipdecode: dict | None = None
+    ignore_eos: bool = False
 
     def knobs(self, index: int) -> dict:
         """``ServingEngine.submit`` keywords of choice ``index``: with a seed, choice i draws from
         ``seed + i`` (mod 2**64), so choice 0 is what the same request with n=1 returns."""
         seed = None if self.seed is None else (self.seed + index) % 2**64
-        return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                    repetition_penalty=self.repetition_penalty, seed=seed, stop_strings=self.stop)
+        knobs = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                     repetition_penalty=self.repetition_penalty, seed=seed, stop_strings=self.stop)
+        return {**knobs, "eos_token_id": None} if self.ignore_eos else knobs
 
 
 def _is_int(v: Any) -> bool:
@@ -122,10 +124,11 @@ def parse_completion(body: dict) -> CompletionParams:
     options = _field(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
     include_usage = _field(options, "include_usage", lambda v: isinstance(v, bool), "a boolean", False)
     skipdecode = _field(body, "skipdecode", lambda v: isinstance(v, dict), "an object")
+    ignore_eos = _field(body, "ignore_eos", lambda v: isinstance(v, bool), "a boolean", False)  # as vLLM's
     _unsupported(body, n)
     return CompletionParams(prompts, model, max_tokens, float(temperature), float(top_p), top_k, float(penalty),
                             None if seed is None else seed % 2**64, _stop(body.get("stop")), n, echo, stream,
-                            include_usage, skipdecode)
+                            include_usage, skipdecode, ignore_eos)
 
 
 def _prompts(prompt: Any) -> list:
