@@ -27,6 +27,7 @@ pytest.importorskip("prometheus_client")
 import skipdeploy  # noqa: E402
 from skipdeploy.schedule_options import schedule_from_options  # noqa: E402
 from skipdeploy.serving import openai_api as api  # noqa: E402
+from skipdeploy.serving.text import CompletionText  # noqa: E402
 
 KEY = "sk-test-key"
 MODEL = "tiny-sd"
@@ -389,9 +390,9 @@ def test_completion_text_holds_back_a_possible_stop():
     def decode(ids):
         return "".join(pieces[i] for i in ids)
 
-    text = api.CompletionText(decode, stop=("XY",))
+    text = CompletionText(decode, stop=("XY",))
     deltas = [text.add(t) for t in (1, 2, 3)]
     assert deltas == ["ab", "c", ""]  # "X" may start the stop string
     assert text.add(4) == "" and text.rest() == "" and text.text() == "abc"
-    half = api.CompletionText(lambda ids: "ab\ufffd"[:len(ids) + 1])
+    half = CompletionText(lambda ids: "ab\ufffd"[:len(ids) + 1])
     assert half.add(1) == "ab" and half.add(2) == "" and half.rest() == "\ufffd"

@@ -16,7 +16,7 @@ from .. import __version__
 from ..errors import SkipDeployError
 
 # (module, what it does), in the order --help lists them.
-COMMANDS = ("demo", "export", "quantize", "inspect", "schedule", "generate", "serve", "verify", "bench",
+COMMANDS = ("demo", "export", "quantize", "inspect", "schedule", "generate", "serve", "triton", "verify", "bench",
             "build_engines", "finetune", "eval")
 
 

@@ -15,6 +15,7 @@ from fastapi.responses import Response, StreamingResponse
 from ..errors import CapacityError, InputError, SkipDeployError
 from . import openai_api as api
 from .engine import QueueFullError, ServingEngine
+from .text import CompletionText
 
 RETRY = {"Retry-After": "1"}
 
@@ -80,7 +81,7 @@ class Reply:
         failed = next((r for r in self.requests if r.finish_reason in ("cancelled", "error")), None)
         if failed is not None:
             raise failure(failed)
-        choices = [api.choice(i, self._prefix(i) + api.CompletionText(self.decode, self.params.stop, r.tokens).text(),
+        choices = [api.choice(i, self._prefix(i) + CompletionText(self.decode, self.params.stop, r.tokens).text(),
                               api.finish_reason(r), api.choice_extension(r)) for i, r in enumerate(self.requests)]
         return self._body(choices, self._usage(), schedule=True)
 
@@ -96,7 +97,7 @@ class Reply:
             queue.put_nowait((index, None))
 
         tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(self.requests)]
-        texts = [api.CompletionText(self.decode, self.params.stop) for _ in self.requests]
+        texts = [CompletionText(self.decode, self.params.stop) for _ in self.requests]
         try:
             for i in range(len(self.requests) if self.params.echo else 0):
                 yield api.sse(self._body([api.choice(i, self._prefix(i), None)]))
