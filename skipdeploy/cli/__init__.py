@@ -16,8 +16,8 @@ from .. import __version__
 from ..errors import SkipDeployError
 
 # (module, what it does), in the order --help lists them.
-COMMANDS = ("demo", "export", "quantize", "inspect", "schedule", "generate", "serve", "triton", "verify", "bench",
-            "build_engines", "finetune", "eval")
+COMMANDS = ("demo", "export", "quantize", "inspect", "schedule", "generate", "serve", "triton", "capi", "verify",
+            "bench", "build_engines", "finetune", "eval")
 
 
 class _Group(click.Group):
