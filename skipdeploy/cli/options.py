@@ -104,6 +104,21 @@ def engine_options(backend: str, device: str | None, threads: int | None) -> dic
     return options
 
 
+def slot_options(func):
+    """The in-flight engine's sizes (serve, triton)."""
+    return _apply(func, [
+        click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+                     help="Requests decoded at once: KV-cache slots, allocated when the engine starts."),
+        click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+                     help="Requests that may wait for a slot; past that a request is refused (HTTP 429, Triton "
+                          "UNAVAILABLE)."),
+        click.option("--max-length", type=click.IntRange(min=2), help="Positions per slot: a prompt of P tokens "
+                     "allows P + max_tokens - 1 <= max-length [default: the export's limit]."),
+        click.option("--prefill-chunk", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="Prompt positions run per iteration in all, so that long prompts do not stall decoding."),
+    ])
+
+
 def schedule_options(func):
     return _apply(func, [
         click.option("--target-speedup", type=float, metavar="K",

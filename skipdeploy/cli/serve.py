@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .options import backend_options, pop_schedule_options, schedule_from, schedule_options
+from .options import backend_options, pop_schedule_options, schedule_from, schedule_options, slot_options
 
 
 @click.command("serve")
@@ -15,14 +15,7 @@ from .options import backend_options, pop_schedule_options, schedule_from, sched
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind (0.0.0.0: every interface; then set --api-key).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Requests decoded at once (KV cache slots, allocated at start).")
-@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
-              help="Requests that may wait for a slot; past that a request gets 429.")
-@click.option("--max-length", type=click.IntRange(min=2), help="Positions per slot: a prompt of P tokens allows "
-              "max_tokens <= max-length - P + 1 [default: the export's limit].")
-@click.option("--prefill-chunk", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Prompt positions run per iteration in all, so long prompts do not stall running requests.")
+@slot_options
 @click.option("--policy", type=click.Choice(["continuous", "drain"]), default="continuous", show_default=True,
               help="Admit waiting requests as soon as a slot frees (continuous) or only when nothing runs (drain).")
 @click.option("--model-name", metavar="NAME", help="The model id of /v1/models and requests [default: the export "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import pop_schedule_options, schedule_from, schedule_options
+from .options import pop_schedule_options, schedule_from, schedule_options, slot_options
 
 
 @click.command("triton")
@@ -15,16 +15,9 @@ from .options import pop_schedule_options, schedule_from, schedule_options
               help="Model repository to create (Triton's --model-repository).")
 @click.option("--model-name", metavar="NAME", help="The model's name in Triton [default: the export directory's "
               "name].")
-@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Requests each instance's engine batches at once (its KV-cache slots).")
+@slot_options
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model instances (processes), each its own engine; give each --threads cores' share.")
-@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
-              help="Requests that may wait for a slot; past it a request is refused (UNAVAILABLE).")
-@click.option("--max-length", type=click.IntRange(min=2), help="Positions per slot (prompt + generated) "
-              "[default: the export's limit].")
-@click.option("--prefill-chunk", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Prompt positions run per engine iteration, so that long prompts do not stall decoding.")
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads per instance "
               "[default: all cores].")
 @click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True,
