@@ -193,3 +193,25 @@ def test_engine_options_are_checked(exports):
         ServingEngine(exports["tiny"], max_batch=4, memory_limit=1000)
     with pytest.raises(skipdeploy.BackendError, match="in-flight batching"):
         ServingEngine(exports["tiny"], backend="tensorrt")
+
+
+def test_aligned_policy_admits_every_few_iterations_and_stays_exact(exports, runtimes):
+    engine = ServingEngine(exports["tiny"], max_batch=4, policy="aligned", align_steps=3)
+    admitted_at = {}
+    admit = engine._admit
+
+    def recording_admit():  # which iteration each request joined at
+        before = set(map(id, engine._running))
+        admit()
+        for r in engine._running:
+            admitted_at.setdefault(id(r), None if not before else engine.iterations)
+    engine._admit = recording_admit
+    try:
+        jobs = _requests(8, seed=4)
+        requests = [engine.submit(p, n, SCHEDULES[s], **k) for p, n, s, k in jobs]
+        results = [r.result(timeout=60) for r in requests]
+        _check_against_solo(runtimes["tiny", "onnxruntime"], jobs, results)
+        joined = [admitted_at[id(r)] for r in requests]
+        assert all(i is None or i % 3 == 0 for i in joined), joined  # into an empty batch, or every 3rd
+    finally:
+        engine.shutdown()

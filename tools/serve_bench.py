@@ -107,12 +107,13 @@ def stream_completion(url: str, prompt: list[int], max_tokens: int, timeout: flo
     return {"start": start, "times": times}
 
 
-def closed_loop(url: str, jobs: list[tuple[list[int], int]], clients: int, timeout: float) -> dict:
+def closed_loop(url: str, jobs: list[tuple[list[int], int]], clients: int, timeout: float, ramp: float = 0.0) -> dict:
     results: list[dict] = []
     order = list(range(len(jobs)))
     lock = threading.Lock()
 
-    def client() -> None:
+    def client(delay: float) -> None:
+        time.sleep(delay)
         while True:
             with lock:
                 if not order:
@@ -121,7 +122,7 @@ def closed_loop(url: str, jobs: list[tuple[list[int], int]], clients: int, timeo
             results.append(stream_completion(url, *jobs[i], timeout))
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(ramp * i / clients,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
@@ -171,7 +172,9 @@ def main() -> int:
     parser.add_argument("--max-tokens", default="16,112", help="LO,HI new tokens (uniform).")
     parser.add_argument("--target-speedup", type=float, default=2.0, help="The SkipDecode schedule measured.")
     parser.add_argument("--decay-tokens", type=int, default=64)
-    parser.add_argument("--policies", default="continuous,drain")
+    parser.add_argument("--policies", default="continuous,aligned,drain")
+    parser.add_argument("--ramp", type=float, default=2.0,
+                        help="Seconds over which the clients start, evenly (0: all at once).")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--prefill-chunk", type=int, default=64)
     parser.add_argument("--threads", type=int)
@@ -209,7 +212,7 @@ def main() -> int:
             try:
                 stream_completion(server.url, jobs[0][0], 4, args.timeout)  # warm-up
                 before = server.metrics()
-                loaded = closed_loop(server.url, jobs, args.clients, args.timeout)
+                loaded = closed_loop(server.url, jobs, args.clients, args.timeout, args.ramp)
                 after = server.metrics()
                 calls = "skipdeploy_layers_per_iteration"
                 n = after.get(f"{calls}_count", 0) - before.get(f"{calls}_count", 0)

@@ -16,8 +16,12 @@ from .options import backend_options, pop_schedule_options, schedule_from, sched
               help="Address to bind (0.0.0.0: every interface; then set --api-key).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
 @slot_options
-@click.option("--policy", type=click.Choice(["continuous", "drain"]), default="continuous", show_default=True,
-              help="Admit waiting requests as soon as a slot frees (continuous) or only when nothing runs (drain).")
+@click.option("--policy", type=click.Choice(["continuous", "aligned", "drain"]), default="continuous",
+              show_default=True, help="Admit waiting requests as soon as a slot frees (continuous), every "
+              "--align-steps iterations so that they share steps and layer sets (aligned), or only when nothing "
+              "runs (drain).")
+@click.option("--align-steps", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Iterations between admissions under --policy aligned.")
 @click.option("--model-name", metavar="NAME", help="The model id of /v1/models and requests [default: the export "
               "directory's name].")
 @click.option("--api-key", envvar="SKIPDEPLOY_API_KEY", metavar="KEY",
@@ -30,7 +34,7 @@ from .options import backend_options, pop_schedule_options, schedule_from, sched
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level (info logs every request).")
 def command(directory: Path, host: str, port: int, max_batch: int, max_queue: int, max_length: int | None,
-            prefill_chunk: int, policy: str, model_name: str | None, api_key: str | None, backend: str,
+            prefill_chunk: int, policy: str, align_steps: int, model_name: str | None, api_key: str | None, backend: str,
             device: str | None, threads: int | None, drain_timeout: float, log_level: str, **kwargs) -> None:
     """Serve an export over HTTP: the OpenAI completions API with in-flight batching.
 
@@ -67,7 +71,8 @@ def command(directory: Path, host: str, port: int, max_batch: int, max_queue: in
 
     def load_engine(observer) -> ServingEngine:
         return ServingEngine(directory, backend=backend, threads=threads, max_batch=max_batch, max_queue=max_queue,
-                             max_length=max_length, prefill_chunk=prefill_chunk, policy=policy, schedule=schedule,
+                             max_length=max_length, prefill_chunk=prefill_chunk, policy=policy,
+                             align_steps=align_steps, schedule=schedule,
                              observer=observer)
 
     app = create_app(load_engine, model_name=name, num_layers=manifest.model.num_layers, api_key=api_key or None,

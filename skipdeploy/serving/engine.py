@@ -39,7 +39,7 @@ from ..schedule import LayerSchedule
 from . import iteration
 from .request import Request
 
-POLICIES = ("continuous", "drain")
+POLICIES = ("continuous", "aligned", "drain")
 
 
 class QueueFullError(CapacityError):
@@ -49,8 +49,11 @@ class QueueFullError(CapacityError):
 class ServingEngine:
     """In-flight batching over one loaded export.
 
-    ``policy``: ``continuous`` admits a waiting request as soon as a slot is free; ``drain``
-    admits only when nothing runs (static batches, for comparison). ``prefill_chunk``: prompt
+    ``policy``: ``continuous`` admits a waiting request as soon as a slot is free; ``aligned``
+    admits only every ``align_steps`` iterations (or into an empty batch), so that requests
+    admitted together stay at the same step and share layer sets: fewer, fuller layer calls
+    under SkipDecode, at the price of waiting; ``drain`` admits only when nothing runs (static
+    batches, for comparison). ``prefill_chunk``: prompt
     positions run per iteration, in all, so that a long prompt does not stall the running rows
     for its whole length. ``observer``: an object whose optional methods ``on_iteration(stats,
     seconds)`` and ``on_finish(request)`` the engine's thread calls (the server's metrics).
@@ -58,9 +61,10 @@ class ServingEngine:
 
     def __init__(self, directory: str | Path, *, backend: str = "onnxruntime", threads: int | None = None,
                  max_batch: int = 16, max_queue: int = 64, max_length: int | None = None, prefill_chunk: int = 64,
-                 policy: str = "continuous", schedule: LayerSchedule | None = None, check_files: bool = True,
-                 memory_limit: int | None = None, observer=None) -> None:
-        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+                 policy: str = "continuous", align_steps: int = 16, schedule: LayerSchedule | None = None,
+                 check_files: bool = True, memory_limit: int | None = None, observer=None) -> None:
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk),
+                            ("align_steps", align_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_queue" else 1):
                 raise InputError(f"{name} must be an integer >= {0 if name == 'max_queue' else 1} (got {value!r})")
         if policy not in POLICIES:
@@ -78,6 +82,8 @@ class ServingEngine:
         options = {"threads": threads} if threads and backend == "onnxruntime" else {}
         self.engine = create_engine(backend, self.manifest, inflight=True, **options)
         self.max_batch, self.max_queue, self.prefill_chunk, self.policy = max_batch, max_queue, prefill_chunk, policy
+        self.align_steps = align_steps
+        self.iterations = 0
         self.slot_bytes = 2 * self.spec.num_layers * self.max_length * self.spec.hidden_size * \
             itemsize(self.manifest.dtype)
         need, free = self.slot_bytes * max_batch, self.engine.available_memory()
@@ -198,7 +204,8 @@ class ServingEngine:
             self._iterate(running)
 
     def _admit(self) -> None:
-        if self.policy == "drain" and self._running:
+        if self._running and (self.policy == "drain" or
+                              (self.policy == "aligned" and self.iterations % self.align_steps)):
             return
         while self._queue and self._free_slots:
             request = self._queue.popleft()
@@ -218,6 +225,7 @@ class ServingEngine:
         parts = iteration.plan(running, self.prefill_chunk)
         if not parts:
             return
+        self.iterations += 1
         start = time.perf_counter()
         try:
             logits, stats = iteration.run(self.engine, self.cache, parts)

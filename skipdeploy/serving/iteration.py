@@ -47,8 +47,11 @@ class IterationStats:
 
 
 def plan(running: list[Request], prefill_budget: int) -> list[_Part]:
-    """Each running request's share, in slot order; prompt chunks take at most ``prefill_budget``
-    positions in all (decode steps are never held back by prompts)."""
+    """Each running request's share, in slot order. While some request is decoding, prompt chunks
+    take at most ``prefill_budget`` positions in all, so that they do not stall its next token;
+    with nobody decoding, prompts run whole."""
+    if not any(r.prefilled == len(r.prompt) for r in running):
+        prefill_budget = sum(len(r.prompt) - r.prefilled for r in running)
     parts = []
     for r in sorted(running, key=lambda r: r.slot):
         if r.prefilled < len(r.prompt):
