@@ -55,13 +55,16 @@ class ServingEngine:
     under SkipDecode, at the price of waiting; ``drain`` admits only when nothing runs (static
     batches, for comparison). ``prefill_chunk``: prompt
     positions run per iteration, in all, so that a long prompt does not stall the running rows
-    for its whole length. ``observer``: an object whose optional methods ``on_iteration(stats,
+    for its whole length. ``prefill_first``: iterations that run prompt chunks run only them, so
+    that a new request's first token waits for prompts only (lower time to first token; the
+    running rows skip that iteration, never two in a row). ``observer``: an object whose optional methods ``on_iteration(stats,
     seconds)`` and ``on_finish(request)`` the engine's thread calls (the server's metrics).
     """
 
     def __init__(self, directory: str | Path, *, backend: str = "onnxruntime", threads: int | None = None,
                  max_batch: int = 16, max_queue: int = 64, max_length: int | None = None, prefill_chunk: int = 64,
-                 policy: str = "continuous", align_steps: int = 16, schedule: LayerSchedule | None = None,
+                 policy: str = "continuous", align_steps: int = 16, prefill_first: bool = True,
+                 schedule: LayerSchedule | None = None,
                  check_files: bool = True, memory_limit: int | None = None, observer=None) -> None:
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk),
                             ("align_steps", align_steps)):
@@ -82,7 +85,8 @@ class ServingEngine:
         options = {"threads": threads} if threads and backend == "onnxruntime" else {}
         self.engine = create_engine(backend, self.manifest, inflight=True, **options)
         self.max_batch, self.max_queue, self.prefill_chunk, self.policy = max_batch, max_queue, prefill_chunk, policy
-        self.align_steps = align_steps
+        self.align_steps, self.prefill_first = align_steps, prefill_first
+        self._prompts_only = False  # whether the last iteration held the decoding rows back
         self.iterations = 0
         self.slot_bytes = 2 * self.spec.num_layers * self.max_length * self.spec.hidden_size * \
             itemsize(self.manifest.dtype)
@@ -222,9 +226,11 @@ class ServingEngine:
         for request in [r for r in running if r.cancelled]:
             self._release(request, "cancelled")
             running.remove(request)
-        parts = iteration.plan(running, self.prefill_chunk)
+        # Never two prompt-only iterations in a row: decoding rows must not starve under arrivals.
+        parts = iteration.plan(running, self.prefill_chunk, self.prefill_first and not self._prompts_only)
         if not parts:
             return
+        self._prompts_only = all(p.prefill for p in parts) and len(parts) < len(running)
         self.iterations += 1
         start = time.perf_counter()
         try:

@@ -46,10 +46,12 @@ class IterationStats:
     tokens: int            # tokens generated
 
 
-def plan(running: list[Request], prefill_budget: int) -> list[_Part]:
+def plan(running: list[Request], prefill_budget: int, prefill_first: bool = False) -> list[_Part]:
     """Each running request's share, in slot order. While some request is decoding, prompt chunks
     take at most ``prefill_budget`` positions in all, so that they do not stall its next token;
-    with nobody decoding, prompts run whole."""
+    with nobody decoding, prompts run whole. ``prefill_first``: an iteration that runs prompt
+    chunks runs nothing else (a new request's first token then waits for the prompts only, not
+    for every running row's step as well)."""
     if not any(r.prefilled == len(r.prompt) for r in running):
         prefill_budget = sum(len(r.prompt) - r.prefilled for r in running)
     parts = []
@@ -64,6 +66,8 @@ def plan(running: list[Request], prefill_budget: int) -> list[_Part]:
         else:
             s = r.step
             parts.append(_Part(r, [r.tokens[-1]], len(r.prompt) + s, r.schedule.layers(s), False, True))
+    if prefill_first and any(p.prefill for p in parts):
+        return [p for p in parts if p.prefill]
     return parts
 
 

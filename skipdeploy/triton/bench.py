@@ -9,6 +9,7 @@ finished. The paths take turns round by round, after one warm-up round each:
 * ``engine``: ``ServingEngine.submit`` in this process, each client woken once, by the engine's
   ``on_finish`` (the first token's time from the engine's timestamps): the engine's own cost;
 * ``engine-result``: the same, blocking in ``Request.result()`` (woken at every token);
+* ``serve``: ``skipdeploy serve`` (the OpenAI server, another process), POST /v1/completions;
 * ``triton-http``: POST /v2/models/NAME/generate (one response per request);
 * ``triton-grpc``: tritonclient's gRPC stream (one response per token).
 
@@ -171,6 +172,63 @@ def triton_paths(server, tokens) -> list[_Path]:
     return [_Path("triton-http", send_http), _Path("triton-grpc", send_grpc)]
 
 
+def serve_path(url: str, tokens: int) -> _Path:
+    """``skipdeploy serve``'s completions, non-streamed (as ``triton-http``)."""
+    import urllib.request
+
+    def send(prompt):
+        body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+                           "ignore_eos": True}).encode()
+        start = time.perf_counter()
+        request = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            usage = json.loads(response.read())["usage"]
+        return None, time.perf_counter() - start, usage["completion_tokens"]
+
+    return _Path("serve", send)
+
+
+class _Serve:
+    """``skipdeploy serve EXPORT`` in a subprocess on a free local port, stopped by its pid."""
+
+    def __init__(self, export, args: list[str], log: Path) -> None:
+        import subprocess
+        import urllib.request
+
+        from .server import free_port
+
+        self.port, self.log = free_port(), open(log, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "skipdeploy", "serve", str(export), "--port",
+                                      str(self.port), "--model-name", "bench", *args],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"skipdeploy serve did not become ready; see {log}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
 def run(export, *, clients=16, tokens=32, prompt_tokens=16, rounds=5, max_batch=16, threads=None,
         workdir: Path | None = None) -> dict:
     """Every path's summary; the paths take turns round by round (noise from other work on the
@@ -188,9 +246,12 @@ def run(export, *, clients=16, tokens=32, prompt_tokens=16, rounds=5, max_batch=
                          threads=threads, force=True)
         observer = _Finished()
         engine = ServingEngine(export, max_batch=max_batch, max_queue=clients, threads=threads, observer=observer)
+        serve = _Serve(export, ["--max-batch", str(max_batch), "--max-queue", str(clients),
+                                *(["--threads", str(threads)] if threads else [])], workdir / "serve.log")
         try:
             with TritonServer(workdir / "repo", workdir=workdir / "server") as server:
-                paths = engine_paths(engine, observer, tokens) + triton_paths(server, tokens)
+                paths = engine_paths(engine, observer, tokens) + [serve_path(serve.url, tokens)] + \
+                    triton_paths(server, tokens)
                 for path in paths:
                     path.round(prompts, record=False)
                 for r in range(rounds):
@@ -199,7 +260,13 @@ def run(export, *, clients=16, tokens=32, prompt_tokens=16, rounds=5, max_batch=
             stopped = [line for line in server.log().splitlines() if "[skipdeploy]" in line and "stopped;" in line]
         finally:
             engine.shutdown()
+            serve.stop()
     results = {p.name: p.summary(paths[0]) for p in paths}
+    by_name = {p.name: p for p in paths}
+    for name in ("triton-http", "triton-grpc"):  # Triton's hop against the OpenAI server's
+        versus = by_name[name].summary(by_name["serve"])
+        results[name]["vs_serve"] = {"latency_ratio": versus["latency_ratio"],
+                                     "throughput_ratio": versus["throughput_ratio"]}
     results["server_log"] = stopped[-1].split("] ", 1)[-1].strip('"') if stopped else None
     return results
 
@@ -227,8 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     log = results.pop("server_log")
     for name, r in results.items():
         ttft = f"{r['ttft_ms']:.1f}" if r["ttft_ms"] is not None else "-"
+        versus = r.get("vs_serve")
         print(f"{name:<14} {r['latency_ms']:>10.1f}ms {r['latency_p90_ms']:>8.1f}ms {ttft:>9} "
-              f"{r['tokens_per_s']:>9.0f} {r['latency_ratio']:>10.3f} {r['throughput_ratio']:>7.3f}")
+              f"{r['tokens_per_s']:>9.0f} {r['latency_ratio']:>10.3f} {r['throughput_ratio']:>7.3f}"
+              + (f"   vs serve: latency x{versus['latency_ratio']:.3f}, tput x{versus['throughput_ratio']:.3f}"
+                 if versus else ""))
     if log:
         print(f"server: {log}")
     return 0
