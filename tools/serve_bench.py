@@ -1,12 +1,15 @@
 """Load benchmark of `skipdeploy serve`: N closed-loop clients against the real server, side by side
 with the same requests one at a time and with static batches through ``Runtime.generate``.
 
-    python tools/serve_bench.py /tmp/opt125-sd --clients 16 --requests 48 --json serve.json --plot serve.png
+    python tools/serve_bench.py /tmp/opt125-sd --clients 16 --requests 32 --rounds 3 --json serve.json --plot serve.png
 
 For each schedule (the full one and a 2x SkipDecode schedule) and each admission policy, a server
 is started on a free local port (``skipdeploy serve EXPORT --policy P`` with the schedule as its
-default) and ``--clients`` threads replay the request list through streaming completions, each
-sending its next request when the previous one has finished. Reported per contender: output
+default) and ``--clients`` threads (started evenly over ``--ramp`` seconds) replay the request
+list through streaming completions, each sending its next request when the previous one has
+finished. Every contender runs once per round, in an order that rotates; throughput is the
+median over rounds and every ratio is taken within a round (then the median), so that the
+drift of a shared machine falls on all contenders alike. Reported per contender: output
 tokens/s over the whole run, time to first token and time per output token (p50, p99, from the
 stream's arrival times), and the layers run per iteration (from the server's /metrics). The
 baselines run in the same invocation: (a) the server with one client (unloaded latency), (b)
@@ -127,28 +130,27 @@ def closed_loop(url: str, jobs: list[tuple[list[int], int]], clients: int, timeo
         t.start()
     for t in threads:
         t.join()
-    return summarize(results, time.perf_counter() - start)
+    return results, time.perf_counter() - start
 
 
-def summarize(results: list[dict], wall: float) -> dict:
+def summarize(runs: list[tuple[list[dict], float]]) -> dict:
+    """Rounds of one contender: tokens/s per round (and their median); TTFT and TPOT
+    percentiles over every request of every round."""
+    results = [r for rs, _ in runs for r in rs]
     ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
     tpot = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
-    tokens = sum(len(r["times"]) for r in results)
+    per_round = [sum(len(r["times"]) for r in rs) / wall for rs, wall in runs]
 
     def pct(values, q):
         return 1e3 * float(np.percentile(values, q)) if values else None
 
-    return {"requests": len(results), "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
-            "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)},
+    return {"requests": len(results), "rounds": len(runs), "tokens_per_s": float(np.median(per_round)),
+            "tokens_per_s_rounds": per_round, "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)},
             "tpot_ms": {"p50": pct(tpot, 50), "p99": pct(tpot, 99)}}
 
 
-def static_batches(export: str, jobs: list[tuple[list[int], int]], batch: int, schedule, threads: int | None) -> dict:
+def static_batches(runtime, jobs: list[tuple[list[int], int]], batch: int, schedule):
     """The same requests through Runtime.generate, ``batch`` at a time, in arrival order."""
-    import skipdeploy
-
-    runtime = skipdeploy.load(export, check_files=False, **({"threads": threads} if threads else {}))
-    runtime.generate([jobs[0][0]], 2, schedule, eos_token_id=None)  # warm-up
     results = []
     start = time.perf_counter()
     for i in range(0, len(jobs), batch):
@@ -159,15 +161,16 @@ def static_batches(export: str, jobs: list[tuple[list[int], int]], batch: int, s
             marks.append(time.perf_counter())
         for _, n in group:  # a row's useful tokens are its own max_tokens; the batch ran to the longest
             results.append({"start": t0, "times": marks[:n]})
-    return summarize(results, time.perf_counter() - start)
+    return results, time.perf_counter() - start
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("export")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=48, help="Requests per contender (loaded runs).")
-    parser.add_argument("--single-requests", type=int, default=12, help="Requests of the one-at-a-time baseline.")
+    parser.add_argument("--requests", type=int, default=32, help="Requests per contender and round (loaded runs).")
+    parser.add_argument("--single-requests", type=int, default=6, help="Requests of the one-at-a-time baseline.")
+    parser.add_argument("--rounds", type=int, default=3, help="Rounds; every contender runs once per round.")
     parser.add_argument("--prompt-tokens", default="8,64", help="LO,HI prompt tokens (uniform).")
     parser.add_argument("--max-tokens", default="16,112", help="LO,HI new tokens (uniform).")
     parser.add_argument("--target-speedup", type=float, default=2.0, help="The SkipDecode schedule measured.")
@@ -204,36 +207,78 @@ def main() -> int:
     common = ["--model-name", "bench", "--max-batch", str(args.max_batch), "--prefill-chunk", str(args.prefill_chunk),
               *(["--threads", str(args.threads)] if args.threads else [])]
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name, (schedule, flags) in schedules.items():
-        for policy in args.policies.split(","):
-            server = Server(args.export, [*common, "--policy", policy, *flags],
-                            Path(args.workdir) / f"server-{name}-{policy}.log")
-            try:
+    runtime = skipdeploy.load(args.export, check_files=False, **({"threads": args.threads} if args.threads else {}))
+    contenders, servers = {}, []   # (schedule, contender) -> run(); run() -> (results, wall, layers/iteration)
+    try:
+        for name, (schedule, flags) in schedules.items():
+            for policy in args.policies.split(","):
+                server = Server(args.export, [*common, "--policy", policy, *flags],
+                                Path(args.workdir) / f"server-{name}-{policy}.log")
+                servers.append(server)
                 stream_completion(server.url, jobs[0][0], 4, args.timeout)  # warm-up
-                before = server.metrics()
-                loaded = closed_loop(server.url, jobs, args.clients, args.timeout, args.ramp)
-                after = server.metrics()
-                calls = "skipdeploy_layers_per_iteration"
-                n = after.get(f"{calls}_count", 0) - before.get(f"{calls}_count", 0)
-                loaded["layers_per_iteration"] = (after.get(f"{calls}_sum", 0) - before.get(f"{calls}_sum", 0)) / n \
-                    if n else None
-                rows.append({"schedule": name, "contender": f"server {policy}, {args.clients} clients", **loaded})
+                contenders[name, f"server {policy}, {args.clients} clients"] = \
+                    lambda server=server: loaded_run(server, jobs, args)
                 if policy == "continuous":
-                    single = closed_loop(server.url, jobs[:args.single_requests], 1, args.timeout)
-                    rows.append({"schedule": name, "contender": "server, one at a time", **single})
-            finally:
-                server.stop()
-        rows.append({"schedule": name, "contender": f"static batches of {args.clients}",
-                     **static_batches(args.export, jobs, args.clients, schedule, args.threads)})
-        print(f"{name}: done", file=sys.stderr, flush=True)
+                    contenders[name, "server, one at a time"] = lambda server=server: (
+                        *closed_loop(server.url, jobs[:args.single_requests], 1, args.timeout), None)
+            runtime.generate([jobs[0][0]], 2, schedule, eos_token_id=None)  # warm-up
+            contenders[name, f"static batches of {args.clients}"] = lambda schedule=schedule: (
+                *static_batches(runtime, jobs, args.clients, schedule), None)
+        # Rounds: every contender once per round, in an order that rotates, so that the drift of a
+        # shared machine falls on all of them alike; ratios are taken within a round.
+        runs: dict = {key: [] for key in contenders}
+        keys = list(contenders)
+        for r in range(args.rounds):
+            for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+                runs[key].append(contenders[key]())
+                print(f"round {r + 1}/{args.rounds}: {key[0]} {key[1]}", file=sys.stderr, flush=True)
+    finally:
+        for server in servers:
+            server.stop()
+    rows = []
+    for (name, contender), rounds in runs.items():
+        layers = [x[2] for x in rounds if x[2] is not None]
+        rows.append({"schedule": name, "contender": contender, **summarize([(x[0], x[1]) for x in rounds]),
+                     "layers_per_iteration": float(np.median(layers)) if layers else None})
+    ratios = paired_ratios(rows, list(schedules), args.clients)
     print_rows(rows)
-    results = {"export": args.export, "config": vars(args), "cores": os.cpu_count(), "rows": rows}
+    for label, value in ratios.items():
+        print(f"{label}: {value:.2f}x (median of per-round ratios)")
+    results = {"export": args.export, "config": vars(args), "cores": os.cpu_count(), "rows": rows, "ratios": ratios}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     if args.plot:
         plot(rows, args.plot)
     return 0
+
+
+def loaded_run(server: Server, jobs, args):
+    before = server.metrics()
+    results, wall = closed_loop(server.url, jobs, args.clients, args.timeout, args.ramp)
+    after = server.metrics()
+    calls = "skipdeploy_layers_per_iteration"
+    n = after.get(f"{calls}_count", 0) - before.get(f"{calls}_count", 0)
+    layers = (after.get(f"{calls}_sum", 0) - before.get(f"{calls}_sum", 0)) / n if n else None
+    return results, wall, layers
+
+
+def paired_ratios(rows: list[dict], schedules: list[str], clients: int) -> dict:
+    """Throughput ratios within each round, then their median."""
+    by = {(r["schedule"], r["contender"]): r["tokens_per_s_rounds"] for r in rows}
+    loaded, single, static = f"server continuous, {clients} clients", "server, one at a time", \
+        f"static batches of {clients}"
+
+    def ratio(a, b):
+        return float(np.median([x / y for x, y in zip(by[a], by[b])]))
+
+    out = {}
+    for name in schedules:
+        out[f"{name}: continuous / one at a time"] = ratio((name, loaded), (name, single))
+        out[f"{name}: continuous / static batches"] = ratio((name, loaded), (name, static))
+    skip, full = schedules[1], schedules[0]
+    out[f"{skip} / {full}, continuous"] = ratio((skip, loaded), (full, loaded))
+    out[f"{skip} / {full}, static batches"] = ratio((skip, static), (full, static))
+    return out
 
 
 def print_rows(rows: list[dict]) -> None:
