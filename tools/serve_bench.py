@@ -25,9 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -38,58 +35,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`skipdeploy serve` in a subprocess on a free local port."""
-
-    def __init__(self, export: str, args: list[str], log: Path) -> None:
-        self.port = free_port()
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "skipdeploy", "serve", export, "--port", str(self.port),
-                                      *args], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}; see {log}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"the server did not become ready in 180 s; see {log}")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def metrics(self) -> dict[str, float]:
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        values = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                values[name] = float(value)
-        return values
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def stream_completion(url: str, prompt: list[int], max_tokens: int, timeout: float) -> dict:
@@ -190,6 +135,7 @@ def main() -> int:
 
     import skipdeploy
     from skipdeploy import Schedule
+    from skipdeploy.serving.process import ServerProcess
 
     manifest = skipdeploy.manifest.read_manifest(args.export, verify=False)
     L = manifest.model.num_layers
@@ -212,7 +158,7 @@ def main() -> int:
     try:
         for name, (schedule, flags) in schedules.items():
             for policy in args.policies.split(","):
-                server = Server(args.export, [*common, "--policy", policy, *flags],
+                server = ServerProcess(args.export, [*common, "--policy", policy, *flags],
                                 Path(args.workdir) / f"server-{name}-{policy}.log")
                 servers.append(server)
                 stream_completion(server.url, jobs[0][0], 4, args.timeout)  # warm-up
@@ -252,7 +198,7 @@ def main() -> int:
     return 0
 
 
-def loaded_run(server: Server, jobs, args):
+def loaded_run(server, jobs, args):
     before = server.metrics()
     results, wall = closed_loop(server.url, jobs, args.clients, args.timeout, args.ramp)
     after = server.metrics()

@@ -188,53 +188,13 @@ def serve_path(url: str, tokens: int) -> _Path:
     return _Path("serve", send)
 
 
-class _Serve:
-    """``skipdeploy serve EXPORT`` in a subprocess on a free local port, stopped by its pid."""
-
-    def __init__(self, export, args: list[str], log: Path) -> None:
-        import subprocess
-        import urllib.request
-
-        from .server import free_port
-
-        self.port, self.log = free_port(), open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "skipdeploy", "serve", str(export), "--port",
-                                      str(self.port), "--model-name", "bench", *args],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"skipdeploy serve did not become ready; see {log}")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        import signal
-        import subprocess
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
 def run(export, *, clients=16, tokens=32, prompt_tokens=16, rounds=5, max_batch=16, threads=None,
         workdir: Path | None = None) -> dict:
     """Every path's summary; the paths take turns round by round (noise from other work on the
     machine falls on all of them alike), after one warm-up round each."""
     from ..manifest import read_manifest
     from ..serving import ServingEngine
+    from ..serving.process import ServerProcess
     from .repository import write_repository
     from .server import TritonServer
 
@@ -246,8 +206,9 @@ def run(export, *, clients=16, tokens=32, prompt_tokens=16, rounds=5, max_batch=
                          threads=threads, force=True)
         observer = _Finished()
         engine = ServingEngine(export, max_batch=max_batch, max_queue=clients, threads=threads, observer=observer)
-        serve = _Serve(export, ["--max-batch", str(max_batch), "--max-queue", str(clients),
-                                *(["--threads", str(threads)] if threads else [])], workdir / "serve.log")
+        serve = ServerProcess(export, ["--model-name", "bench", "--max-batch", str(max_batch), "--max-queue",
+                                       str(clients), *(["--threads", str(threads)] if threads else [])],
+                              workdir / "serve.log")
         try:
             with TritonServer(workdir / "repo", workdir=workdir / "server") as server:
                 paths = engine_paths(engine, observer, tokens) + [serve_path(serve.url, tokens)] + \
