@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -396,3 +397,30 @@ def test_completion_text_holds_back_a_possible_stop():
     assert text.add(4) == "" and text.rest() == "" and text.text() == "abc"
     half = CompletionText(lambda ids: "ab\ufffd"[:len(ids) + 1])
     assert half.add(1) == "ab" and half.add(2) == "" and half.rest() == "\ufffd"
+
+
+@pytest.mark.slow
+def test_load_benchmark_runs_and_reports_its_ratios(exports, tmp_path):
+    """tools/serve_bench.py end to end on the tiny export (one round, two clients): structure and
+    arithmetic only, never timings."""
+    out = tmp_path / "serve.json"
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "tools" / "serve_bench.py"), str(exports["tiny"]),
+                           "--clients", "2", "--requests", "3", "--single-requests", "1", "--max-tokens", "3,5",
+                           "--prompt-tokens", "2,4", "--policies", "continuous,drain", "--rounds", "1", "--ramp", "0",
+                           "--workdir", str(tmp_path / "work"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    rows = {(r["schedule"], r["contender"]): r for r in results["rows"]}
+    assert set(rows) == {(s, c) for s in ("full", "2x") for c in ("server continuous, 2 clients",
+                                                                  "server drain, 2 clients", "server, one at a time",
+                                                                  "static batches of 2")}
+    for (schedule, contender), row in rows.items():
+        assert row["tokens_per_s"] > 0 and row["ttft_ms"]["p50"] <= row["ttft_ms"]["p99"]
+        assert row["requests"] == (1 if "one at a time" in contender else 3)
+    assert rows["full", "server continuous, 2 clients"]["layers_per_iteration"] == 4.0  # every layer, every row
+    assert rows["2x", "server continuous, 2 clients"]["layers_per_iteration"] < 4.0
+    first = lambda key: rows[key]["tokens_per_s_rounds"][0]  # noqa: E731
+    assert results["ratios"]["2x / full, continuous"] == pytest.approx(
+        first(("2x", "server continuous, 2 clients")) / first(("full", "server continuous, 2 clients")))
