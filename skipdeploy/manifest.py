@@ -79,6 +79,12 @@ class Manifest:
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def max_length(self) -> int:
+        """Positions a prompt plus its fed-back generated tokens may take: the export's limit,
+        within the model's positions."""
+        return min(self.limits.get("max_length", self.model.max_positions), self.model.max_positions)
+
     def path(self, graph: str) -> Path:
         return self.directory / self.graphs[graph]["file"]
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 from .. import __version__
 from ..errors import (BackendError, CapacityError, ExportError, InputError, ManifestError, ScheduleError,
                       SkipDeployError)
-from ..runtime.generator import DEFAULT
+from ..runtime.inputs import DEFAULT
 from ..schedule import LayerSchedule
 from ..schedule_options import FIELDS, schedule_from_options
 from .header import PY_BASE

@@ -197,12 +197,21 @@ class FlatPool:
         self.keep = keep
         self._free: list[tuple[list, list]] = []
 
-    def take(self) -> tuple[list, list] | None:
-        return self._free.pop() if self._free else None
+    def lease(self, needs: list[int], size, new) -> tuple[list, list]:
+        """Flat key and value buffers per layer, each holding at least ``needs[l]`` (in the unit of
+        ``size(buffer)``): a released cache's where they fit, ``new(need)`` where not."""
+        flat_keys, flat_values = self._free.pop() if self._free else ([None] * len(needs), [None] * len(needs))
+        for layer, need in enumerate(needs):
+            for flat in (flat_keys, flat_values):
+                if flat[layer] is None or size(flat[layer]) < need:
+                    flat[layer] = new(need)
+        return flat_keys, flat_values
 
-    def give(self, storage: tuple[list, list] | None) -> None:
-        if storage is not None and len(self._free) < self.keep:
-            self._free.append(storage)
+    def give(self, cache: KVCache) -> None:
+        """Keep a released cache's buffers (its ``storage``) for a later ``lease``."""
+        if cache.storage is not None and len(self._free) < self.keep:
+            self._free.append(cache.storage)
+        cache.storage = None
 
     def held_bytes(self, size) -> int:
         """Bytes of the buffers held for reuse, ``size(buffer)`` each: memory a new cache may take."""

@@ -170,21 +170,16 @@ class OnnxRuntimeEngine(Engine):
         return buf
 
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
-        H, D, L = self.spec.num_heads, self.spec.head_dim, self.spec.num_layers
-        flat_keys, flat_values = self._free.take() or ([np.empty(0, self.dtype)] * L, [np.empty(0, self.dtype)] * L)
-        keys, values = [], []
-        for layer, cap in enumerate(capacities):
-            need = cap * batch * H * D
-            for flat in (flat_keys, flat_values):
-                if flat[layer].size < need:
-                    flat[layer] = np.empty(need, self.dtype)
-            keys.append(flat_keys[layer][:need].reshape(cap, batch, H, D))
-            values.append(flat_values[layer][:need].reshape(cap, batch, H, D))
-        return KVCache(keys, values, capacities, batch, storage=(flat_keys, flat_values))
+        H, D = self.spec.num_heads, self.spec.head_dim
+        flat_keys, flat_values = self._free.lease([cap * batch * H * D for cap in capacities], lambda b: b.size,
+                                                  lambda n: np.empty(n, self.dtype))
+        shapes = [(cap, batch, H, D) for cap in capacities]
+        return KVCache([flat[:int(np.prod(shape))].reshape(shape) for flat, shape in zip(flat_keys, shapes)],
+                       [flat[:int(np.prod(shape))].reshape(shape) for flat, shape in zip(flat_values, shapes)],
+                       capacities, batch, storage=(flat_keys, flat_values))
 
     def release(self, cache: KVCache) -> None:
-        self._free.give(cache.storage)
-        cache.storage = None
+        self._free.give(cache)
 
     # -- graphs ----------------------------------------------------------------------------
     def embed(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:

@@ -119,23 +119,17 @@ class OrtValueEngine(Engine):
         return value
 
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
-        H, D, L = self.spec.num_heads, self.spec.head_dim, self.spec.num_layers
-        flat_keys, flat_values = self._free.take() or ([None] * L, [None] * L)
-        keys, values = [], []
-        for layer, cap in enumerate(capacities):
-            need = max(1, (cap + self.pad) * batch * H * D)
-            for flat in (flat_keys, flat_values):
-                if flat[layer] is None or flat[layer].shape()[0] < need:
-                    flat[layer] = self._buffer(need)
-            shape = (cap, batch, H, D)  # the real positions, after the masked slot
-            offset = self.pad * batch * H * D * np.dtype(self.dtype).itemsize
-            keys.append(DeviceArray(flat_keys[layer], shape, self.dtype, offset))
-            values.append(DeviceArray(flat_values[layer], shape, self.dtype, offset))
-        return KVCache(keys, values, capacities, batch, storage=(flat_keys, flat_values))
+        H, D = self.spec.num_heads, self.spec.head_dim
+        flat_keys, flat_values = self._free.lease([max(1, (cap + self.pad) * batch * H * D) for cap in capacities],
+                                                  lambda v: v.shape()[0], self._buffer)
+        offset = self.pad * batch * H * D * np.dtype(self.dtype).itemsize  # the real positions, after the slot
+        shapes = [(cap, batch, H, D) for cap in capacities]
+        return KVCache([DeviceArray(flat, shape, self.dtype, offset) for flat, shape in zip(flat_keys, shapes)],
+                       [DeviceArray(flat, shape, self.dtype, offset) for flat, shape in zip(flat_values, shapes)],
+                       capacities, batch, storage=(flat_keys, flat_values))
 
     def release(self, cache: KVCache) -> None:
-        self._free.give(cache.storage)
-        cache.storage = None
+        self._free.give(cache)
 
     def from_numpy(self, array: np.ndarray) -> DeviceArray:
         return self._hidden(array)

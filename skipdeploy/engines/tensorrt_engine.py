@@ -161,23 +161,20 @@ class TensorRTEngine(Engine):
         return buf
 
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
-        H, D, L = self.spec.num_heads, self.spec.head_dim, self.spec.num_layers
+        H, D = self.spec.num_heads, self.spec.head_dim
         item = np.dtype(self.dtype).itemsize
-        flat_keys, flat_values = self._free.take() or ([None] * L, [None] * L)
-        keys, values = [], []
-        for layer, cap in enumerate(capacities):
-            need = (cap + PAST_PAD) * batch * H * D * item
-            for flat in (flat_keys, flat_values):
-                if flat[layer] is None or flat[layer].nbytes < need:
-                    flat[layer] = self.memory.alloc(need, zero=True)  # the masked slot must be finite
-            offset = PAST_PAD * batch * H * D * item
-            keys.append(DeviceTensor(self.memory, flat_keys[layer], (cap, batch, H, D), self.dtype, offset))
-            values.append(DeviceTensor(self.memory, flat_values[layer], (cap, batch, H, D), self.dtype, offset))
-        return KVCache(keys, values, capacities, batch, storage=(flat_keys, flat_values))
+        # Zeroed at allocation: the masked slot in front is read (with zero weight) and must be finite.
+        flat_keys, flat_values = self._free.lease([(cap + PAST_PAD) * batch * H * D * item for cap in capacities],
+                                                  lambda b: b.nbytes, lambda n: self.memory.alloc(n, zero=True))
+        offset = PAST_PAD * batch * H * D * item
+        shapes = [(cap, batch, H, D) for cap in capacities]
+        return KVCache([DeviceTensor(self.memory, flat, shape, self.dtype, offset)
+                        for flat, shape in zip(flat_keys, shapes)],
+                       [DeviceTensor(self.memory, flat, shape, self.dtype, offset)
+                        for flat, shape in zip(flat_values, shapes)], capacities, batch, storage=(flat_keys, flat_values))
 
     def release(self, cache: KVCache) -> None:
-        self._free.give(cache.storage)
-        cache.storage = None
+        self._free.give(cache)
 
     def from_numpy(self, array: np.ndarray) -> DeviceTensor:
         return self._device(array)

@@ -24,13 +24,12 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import CapacityError, InputError, NumericalError, SkipDeployError
+from ..errors import CapacityError, InputError, NumericalError
 from ..schedule import LayerSchedule
-from .inputs import PaddedBatch, prompt_rows
-from .kv import plan_capacities
+from .inputs import (DEFAULT, PaddedBatch, check_positions, check_schedule, eos_ids, prompt_rows,
+                     request_config)
+from .kv import check_cached, plan_capacities
 from .sampling import GenerationConfig, TokenPicker
-
-DEFAULT = object()  # "the model's own EOS" for eos_token_id
 
 
 @dataclass
@@ -92,29 +91,20 @@ class Generator:
     def __init__(self, runtime, input_ids, max_new_tokens: int | None = None,
                  schedule: LayerSchedule | None = None, *, config: GenerationConfig | None = None,
                  eos_token_id=DEFAULT, output_logits: bool = False, **knobs) -> None:
-        unknown = set(knobs) - set(GenerationConfig.__dataclass_fields__)
-        if unknown:
-            raise InputError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
         spec, manifest = runtime.spec, runtime.manifest
-        self.config = config = (config or GenerationConfig()).updated(max_new_tokens=max_new_tokens, **knobs)
-        config.validate(spec.vocab_size)
+        self.config = config = request_config(config, max_new_tokens, knobs, spec.vocab_size)
         self.runtime, self.engine = runtime, runtime.engine
         if config.stop_strings:
             runtime.tokenizer  # noqa: B018 - stop strings need text: fail now, not mid-generation
-        self.schedule = schedule = schedule or manifest.schedule
-        if schedule.num_layers != spec.num_layers:
-            raise InputError(f"the schedule is for {schedule.num_layers} layers, the model has {spec.num_layers}")
+        self.schedule = schedule = check_schedule(schedule or manifest.schedule, spec.num_layers)
         self.rows = rows = prompt_rows(input_ids, spec.vocab_size)
         B, N, Tp = len(rows), config.max_new_tokens, max(len(r) for r in rows)
         max_batch = manifest.limits.get("max_batch")
         if max_batch and B > max_batch:
             raise CapacityError(f"batch of {B} exceeds the {max_batch} rows this export was sized for; "
                                 "re-export with a larger --max-batch")
-        needed = Tp + N - 1  # the last generated token is never fed back
-        if needed > runtime.max_length:
-            raise CapacityError(f"a prompt of {Tp} tokens plus {N} new tokens needs {needed} positions; "
-                                f"this export allows {runtime.max_length}")
-        self.eos = _eos_ids(spec.eos_token_id if eos_token_id is DEFAULT else eos_token_id)
+        check_positions(Tp, N, runtime.max_length, "this export")
+        self.eos = eos_ids(eos_token_id, spec.eos_token_id)
         self.batch = PaddedBatch.left_pad(rows, spec.pad_id, N)
         self.cache = runtime.allocate_cache(plan_capacities(schedule, Tp, N), B)
         self.valid = [0] * spec.num_layers  # cached positions per layer, checked against the schedule
@@ -169,7 +159,7 @@ class Generator:
                 raise InputError(f"token id {token} is outside the vocabulary [0, {self.runtime.spec.vocab_size})")
             self.tokens[row].append(token)
             emitted.append(token)
-            reason = self._finish_reason(token, self.tokens[row])
+            reason = self.config.finish_reason(token, self.tokens[row], self.eos, self._decode)
             if reason:
                 self.finished[row], self.reasons[row] = True, reason
         self._logits = None
@@ -239,11 +229,7 @@ class Generator:
         return logits
 
     def _run_layer(self, layer: int, hidden, past: int, bias: np.ndarray):
-        # Every layer a token runs was run by every earlier token (the top block only shrinks),
-        # so its valid length must equal the number of positions before this one.
-        if self.valid[layer] != past:
-            raise SkipDeployError(f"internal error: layer {layer} holds {self.valid[layer]} cached positions, "
-                                  f"expected {past}; the schedule is not monotone")
+        check_cached(layer, self.valid[layer], past)
         hidden = self.engine.layer(layer, hidden, self.cache, past, bias)
         self.valid[layer] = bias.shape[1]  # past + new positions
         return hidden
@@ -267,19 +253,5 @@ class Generator:
         raise NumericalError(f"non-finite logits for generated token {self.generated}: first produced by {where} "
                              f"({self.runtime.manifest.directory}); the export's weights or inputs are broken")
 
-    def _finish_reason(self, token: int, generated: list[int]) -> str | None:
-        if token in self.eos:
-            return "eos"
-        if token in self.config.stop_token_ids:
-            return "stop"
-        if self.config.stop_strings:
-            text = self.runtime.tokenizer.decode(generated)
-            if any(stop in text for stop in self.config.stop_strings):
-                return "stop"
-        return None
-
-
-def _eos_ids(eos_token_id) -> set[int]:
-    if eos_token_id is None:
-        return set()
-    return {int(t) for t in (eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id])}
+    def _decode(self, tokens: list[int]) -> str:
+        return self.runtime.tokenizer.decode(tokens)

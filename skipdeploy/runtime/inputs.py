@@ -1,4 +1,5 @@
-"""Checking prompts and laying them out as one left-padded batch."""
+"""Checking a request (prompts, knobs, schedule, length) and laying prompts out as one left-padded
+batch. ``Generator`` and the in-flight engine check their requests with the same functions."""
 
 from __future__ import annotations
 
@@ -6,8 +7,43 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import CapacityError, InputError
 from ..numerics import MASK_VALUE
+from ..schedule import LayerSchedule
+from .sampling import GenerationConfig
+
+DEFAULT = object()  # "the model's own EOS" for eos_token_id
+
+
+def request_config(config: GenerationConfig | None, max_new_tokens: int | None, knobs: dict,
+                   vocab_size: int) -> GenerationConfig:
+    """``config`` updated with ``max_new_tokens`` and the keyword knobs, every value checked."""
+    unknown = set(knobs) - set(GenerationConfig.__dataclass_fields__)
+    if unknown:
+        raise InputError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
+    return (config or GenerationConfig()).updated(max_new_tokens=max_new_tokens, **knobs).validate(vocab_size)
+
+
+def check_schedule(schedule: LayerSchedule, num_layers: int) -> LayerSchedule:
+    if schedule.num_layers != num_layers:
+        raise InputError(f"the schedule is for {schedule.num_layers} layers, the model has {num_layers}")
+    return schedule
+
+
+def check_positions(prompt_length: int, max_new_tokens: int, limit: int, holder: str) -> None:
+    needed = prompt_length + max_new_tokens - 1  # the last generated token is never fed back
+    if needed > limit:
+        raise CapacityError(f"a prompt of {prompt_length} tokens plus {max_new_tokens} new tokens needs {needed} "
+                            f"positions; {holder} allows {limit}")
+
+
+def eos_ids(eos_token_id, model_eos: int | None) -> set[int]:
+    """The token ids that end a row: the model's (``DEFAULT``), the ones given, or none (None)."""
+    if eos_token_id is DEFAULT:
+        eos_token_id = model_eos
+    if eos_token_id is None:
+        return set()
+    return {int(t) for t in (eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id])}
 
 
 def prompt_rows(input_ids, vocab_size: int) -> list[list[int]]:

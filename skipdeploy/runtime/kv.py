@@ -6,6 +6,7 @@ hold: a middle layer that the schedule drops stops growing, and its buffer is th
 
 from __future__ import annotations
 
+from ..errors import SkipDeployError
 from ..schedule import LayerSchedule
 
 
@@ -30,3 +31,11 @@ def format_bytes(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} bytes"
+
+
+def check_cached(layer: int, held: int, expected: int, owner: str = "") -> None:
+    """Every layer a position runs was run by every earlier position (the top block only shrinks),
+    so the positions a layer holds must be exactly those before the new ones."""
+    if held != expected:
+        raise SkipDeployError(f"internal error: {owner + ' ' if owner else ''}layer {layer} holds {held} cached "
+                              f"positions, expected {expected}; the schedule is not monotone")

@@ -40,8 +40,7 @@ class Runtime:
 
     @property
     def max_length(self) -> int:
-        """Positions a prompt plus its fed-back generated tokens may take."""
-        return min(self.manifest.limits.get("max_length", self.spec.max_positions), self.spec.max_positions)
+        return self.manifest.max_length
 
     # -- text ------------------------------------------------------------------------------
     @property

@@ -52,6 +52,17 @@ class GenerationConfig:
             raise InputError("stop strings must not be empty")
         return self
 
+    def finish_reason(self, token: int, generated: list[int], eos: set[int], decode) -> str | None:
+        """Why a row ends at ``token`` (the last of ``generated``): "eos", "stop" (a stop token id,
+        or a stop string in ``decode(generated)``), or None."""
+        if token in eos:
+            return "eos"
+        if token in self.stop_token_ids:
+            return "stop"
+        if self.stop_strings and any(stop in decode(generated) for stop in self.stop_strings):
+            return "stop"
+        return None
+
     def updated(self, **changes) -> "GenerationConfig":
         changes = {k: v for k, v in changes.items() if v is not None}
         for key in ("stop_token_ids", "stop_strings"):

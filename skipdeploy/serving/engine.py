@@ -30,8 +30,8 @@ from ..engines import create_engine
 from ..errors import CapacityError, InputError, SkipDeployError
 from ..manifest import read_manifest
 from ..numerics import itemsize
-from ..runtime.generator import DEFAULT, GenerationResult
-from ..runtime.inputs import prompt_rows
+from ..runtime.generator import GenerationResult
+from ..runtime.inputs import DEFAULT, check_positions, check_schedule, eos_ids, prompt_rows, request_config
 from ..runtime.kv import format_bytes
 from ..runtime.sampling import GenerationConfig
 from ..runtime.tokenizer import Tokenizer
@@ -74,14 +74,10 @@ class ServingEngine:
             raise InputError(f"unknown admission policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.manifest = read_manifest(directory, verify=check_files)
         self.spec = self.manifest.model
-        limit = min(self.manifest.limits.get("max_length", self.spec.max_positions), self.spec.max_positions)
-        self.max_length = min(max_length or limit, limit)
+        self.max_length = min(max_length or self.manifest.max_length, self.manifest.max_length)
         if self.max_length < 2:
             raise InputError(f"max_length must be >= 2 (got {max_length})")
-        self.schedule = schedule or self.manifest.schedule
-        if self.schedule.num_layers != self.spec.num_layers:
-            raise InputError(f"the schedule is for {self.schedule.num_layers} layers, the model has "
-                             f"{self.spec.num_layers}")
+        self.schedule = check_schedule(schedule or self.manifest.schedule, self.spec.num_layers)
         options = {"threads": threads} if threads and backend == "onnxruntime" else {}
         self.engine = create_engine(backend, self.manifest, inflight=True, **options)
         self.max_batch, self.max_queue, self.prefill_chunk, self.policy = max_batch, max_queue, prefill_chunk, policy
@@ -123,23 +119,13 @@ class ServingEngine:
         """Queue one prompt (token ids); returns its :class:`Request` at once. Called from a running
         asyncio loop, the request can also be read with ``async for token in request.astream()``.
         Bad input raises here (``InputError``, ``CapacityError``); a full queue ``QueueFullError``."""
-        unknown = set(knobs) - set(GenerationConfig.__dataclass_fields__)
-        if unknown:
-            raise InputError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
-        config = (config or GenerationConfig()).updated(max_new_tokens=max_new_tokens, **knobs)
-        config.validate(self.spec.vocab_size)
+        config = request_config(config, max_new_tokens, knobs, self.spec.vocab_size)
         if config.stop_strings:
             self.tokenizer  # noqa: B018 - stop strings need text: fail now, not mid-generation
-        schedule = schedule or self.schedule
-        if schedule.num_layers != self.spec.num_layers:
-            raise InputError(f"the schedule is for {schedule.num_layers} layers, the model has {self.spec.num_layers}")
+        schedule = check_schedule(schedule or self.schedule, self.spec.num_layers)
         row = prompt_rows([prompt], self.spec.vocab_size)[0]
-        needed = len(row) + config.max_new_tokens - 1  # the last generated token is never fed back
-        if needed > self.max_length:
-            raise CapacityError(f"a prompt of {len(row)} tokens plus {config.max_new_tokens} new tokens needs "
-                                f"{needed} positions; this engine allows {self.max_length}")
-        eos = self.spec.eos_token_id if eos_token_id is DEFAULT else eos_token_id
-        eos = set() if eos is None else {int(t) for t in (eos if isinstance(eos, (list, tuple, set)) else [eos])}
+        check_positions(len(row), config.max_new_tokens, self.max_length, "this engine")
+        eos = eos_ids(eos_token_id, self.spec.eos_token_id)
         request = Request(row, config, schedule, eos, self.spec.num_layers, request_id)
         try:
             request.attach_loop(asyncio.get_running_loop())
@@ -255,17 +241,10 @@ class ServingEngine:
         self._notify("on_iteration", stats, time.perf_counter() - start)
 
     def _finish_reason(self, request: Request, token: int) -> str | None:
-        if token in request.eos:
-            return "eos"
-        if token in request.config.stop_token_ids:
-            return "stop"
-        if request.config.stop_strings:
-            text = self.tokenizer.decode(request.tokens)
-            if any(stop in text for stop in request.config.stop_strings):
-                return "stop"
-        if len(request.tokens) >= request.config.max_new_tokens:
+        reason = request.config.finish_reason(token, request.tokens, request.eos, lambda ids: self.tokenizer.decode(ids))
+        if reason is None and len(request.tokens) >= request.config.max_new_tokens:
             return "length"
-        return None
+        return reason
 
     def _release(self, request: Request, reason: str, error: str | None = None) -> None:
         with self._cond:

@@ -21,7 +21,8 @@ import numpy as np
 
 from ..engines import Engine
 from ..engines.base import SlotCache
-from ..errors import NumericalError, SkipDeployError
+from ..errors import NumericalError
+from ..runtime.kv import check_cached
 from .request import Request
 
 
@@ -121,7 +122,7 @@ def _attend(engine: Engine, cache: SlotCache, layer: int, members: list[_Part], 
             run.clear()
 
     for p in members:
-        _check_prefix(p, layer)
+        check_cached(layer, int(p.request.valid[layer]), p.start, f"request {p.request.id}")
         n = len(p.ids)
         if p.prefill:
             flush()
@@ -140,9 +141,3 @@ def _attend(engine: Engine, cache: SlotCache, layer: int, members: list[_Part], 
         p.request.valid[layer] += len(p.ids)
 
 
-def _check_prefix(p: _Part, layer: int) -> None:
-    # The top block only shrinks: a layer a request runs now ran at every earlier position of it.
-    if p.request.valid[layer] != p.start:
-        raise SkipDeployError(f"internal error: request {p.request.id} layer {layer} holds "
-                              f"{p.request.valid[layer]} cached positions, expected {p.start}; "
-                              "the schedule is not monotone")
