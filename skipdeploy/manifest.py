@@ -16,17 +16,27 @@ from typing import Any
 from .errors import ManifestError
 from .schedule import LayerSchedule, Schedule
 
-FORMAT_VERSION = 1
+# 2: a model family per export (``model_type`` opt, llama, mistral, qwen2), layer graphs that may
+# take ``position_ids`` (RoPE) and caches of ``num_kv_heads`` heads. Version 1 exports (OPT) are
+# version 2 exports whose graphs take the version-1 I/O, so both are read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 # KV contract of the layer graphs: the graph reads the past prefix and returns only the new
 # entries, which the runtime binds straight into the cache slot (DESIGN.md section 4).
 KV_CONTRACT = "new-entries-out"
 KV_LAYOUT = "SBHD"  # [sequence, batch, heads, head_dim]
 
+# Graph I/O names. A family whose layers rotate queries and keys by position (RoPE) gives its
+# layer graphs ``position_ids`` too, and its embedding needs none; the manifest lists each graph's
+# own inputs, and engines bind what it lists.
 EMBED_IO = {"inputs": ["input_ids", "position_ids"], "outputs": ["hidden"]}
 LAYER_IO = {"inputs": ["hidden", "past_key", "past_value", "attention_bias"],
             "outputs": ["hidden_out", "key", "value"]}
 HEAD_IO = {"inputs": ["hidden"], "outputs": ["logits"]}
+ROPE_EMBED_IO = {"inputs": ["input_ids"], "outputs": ["hidden"]}
+ROPE_LAYER_IO = {"inputs": ["hidden", "position_ids", "past_key", "past_value", "attention_bias"],
+                 "outputs": ["hidden_out", "key", "value"]}
 
 
 @dataclass(frozen=True)
@@ -41,12 +51,32 @@ class ModelSpec:
     vocab_size: int
     max_positions: int
     word_embed_proj_dim: int
-    layer_norm: str  # "pre" (125m, 1.3b, 6.7b, ...) or "post" (350m)
+    layer_norm: str  # "pre" (every family but OPT-350m) or "post" (OPT-350m)
     activation: str
     bos_token_id: int | None
     eos_token_id: int | None
     pad_token_id: int | None
-    model_type: str = "opt"
+    model_type: str = "opt"  # the family (skipdeploy.families): opt, llama, mistral, qwen2
+    num_kv_heads: int | None = None  # grouped-query attention: heads of the cache (None: num_heads)
+    norm_eps: float = 1e-5
+    rope: dict[str, Any] | None = None  # RoPE settings as read from the config (for people; the
+    # layer graphs hold the inverse frequencies themselves)
+    sliding_window: int | None = None  # Mistral: each position attends to this many; exports that
+    # long at most, since the layers attend over every cached position
+
+    @property
+    def kv_heads(self) -> int:
+        """Heads of keys and values: what the cache holds per position and layer."""
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def attention_dim(self) -> int:
+        """Width of the attention's queries and context (heads x head_dim; may differ from hidden)."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
 
     @property
     def pad_id(self) -> int:
@@ -84,6 +114,15 @@ class Manifest:
         """Positions a prompt plus its fed-back generated tokens may take: the export's limit,
         within the model's positions."""
         return min(self.limits.get("max_length", self.model.max_positions), self.model.max_positions)
+
+    @property
+    def layers_take_positions(self) -> bool:
+        """Whether the layer graphs take ``position_ids`` (RoPE families)."""
+        return "position_ids" in self.graphs["layers"][0].get("inputs", []) if self.graphs.get("layers") else False
+
+    @property
+    def embed_takes_positions(self) -> bool:
+        return "position_ids" in self.graphs["embed"].get("inputs", EMBED_IO["inputs"])
 
     def path(self, graph: str) -> Path:
         return self.directory / self.graphs[graph]["file"]
@@ -154,10 +193,11 @@ def read_manifest(directory: str | os.PathLike, verify: bool = True) -> Manifest
     if not isinstance(data, dict):
         raise ManifestError(f"{path} does not hold a JSON object")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ManifestError(
-            f"{path} has format_version {version!r}; this skipdeploy reads version {FORMAT_VERSION} "
-            "(re-export the model with this skipdeploy, or install the version that wrote it)")
+            f"{path} has format_version {version!r}; this skipdeploy reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (re-export the model with this skipdeploy, or install the "
+            "version that wrote it)")
     try:
         model = ModelSpec.from_dict(data["model"])
         schedule = LayerSchedule.from_dict(data["schedule"])

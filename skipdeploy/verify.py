@@ -124,7 +124,7 @@ def _float_reference(manifest: Manifest, given: str | Path | None, model: str | 
 def _verify(runtime, backend: str, reference, precision: str, model, max_new_tokens: int, seed: int) -> Report:
     manifest = runtime.manifest
     report = Report(str(manifest.directory), backend)
-    hf_model = _hf_model(model) if model is not None else None
+    hf_model = _hf_model(model, manifest) if model is not None else None
     tol = GRAPH_TOLERANCE[precision]
     if backend == "tensorrt":  # each engine against onnxruntime running the same ONNX graph
         report.graphs = _engines_against_onnxruntime(runtime.engine, seed, tol)
@@ -174,8 +174,9 @@ def _graphs_against_reference(engine, ref, manifest: Manifest, tol: float, seed:
         for start, stop in ((0, T1), (T1, T1 + T2)):
             chunk = np.ascontiguousarray(x[:, start:stop])
             b = np.ascontiguousarray(bias[:, :stop])
-            got = engine.to_numpy(engine.layer(layer, engine.from_numpy(chunk), cache, start, b))
-            want = ref.to_numpy(ref.layer(layer, ref.from_numpy(chunk), ref_cache, start, b))
+            p = np.ascontiguousarray(pos[:, start:stop])
+            got = engine.to_numpy(engine.layer(layer, engine.from_numpy(chunk), cache, start, b, p))
+            want = ref.to_numpy(ref.layer(layer, ref.from_numpy(chunk), ref_cache, start, b, p))
             errors.append(relative_error(got, want))
             outs.append(want)
         for buf, ref_buf in ((cache.keys, ref_cache.keys), (cache.values, ref_cache.values)):
@@ -209,8 +210,9 @@ def _engines_against_onnxruntime(engine, seed: int, tolerance: float, batch: int
 
     ids = rng.integers(0, spec.vocab_size, (batch, T))
     pos = np.tile(np.arange(T), (batch, 1))
+    embed_feeds = {"input_ids": ids, "position_ids": pos}
     checks = [check("embed", [engine.embed(ids, pos)],
-                    sessions["embed"].run(None, {"input_ids": ids, "position_ids": pos}))]
+                    sessions["embed"].run(None, {k: embed_feeds[k] for k in manifest.graphs["embed"]["inputs"]}))]
     for layer in range(spec.num_layers):
         name, worst = f"layer_{layer:02d}", None
         cache = engine.allocate([T + 1] * spec.num_layers, batch)
@@ -218,10 +220,12 @@ def _engines_against_onnxruntime(engine, seed: int, tolerance: float, batch: int
             x = (rng.standard_normal((batch, new, E)) * 0.5).astype(np.float32)
             bias = np.zeros((batch, past + new), np.float32)
             bias[1, 0] = MASK_VALUE  # row 1 is left-padded by one position
-            out = engine.layer(layer, engine.from_numpy(x), cache, past, bias)
+            positions = np.tile(np.arange(past, past + new), (batch, 1))
+            out = engine.layer(layer, engine.from_numpy(x), cache, past, bias, positions)
             keys, values = engine.to_numpy(cache.keys[layer]), engine.to_numpy(cache.values[layer])
-            want = sessions[name].run(None, {"hidden": x.astype(dtype), "past_key": keys[:past].astype(dtype),
-                                             "past_value": values[:past].astype(dtype), "attention_bias": bias})
+            feeds = {"hidden": x.astype(dtype), "past_key": keys[:past].astype(dtype), "position_ids": positions,
+                     "past_value": values[:past].astype(dtype), "attention_bias": bias}
+            want = sessions[name].run(None, {k: feeds[k] for k in manifest.graphs["layers"][layer]["inputs"]})
             case = check(name, [out, keys[past:past + new], values[past:past + new]], want)
             worst = case if worst is None or case.error > worst.error else worst
         engine.release(cache)
@@ -238,18 +242,23 @@ def _graphs_against_transformers(manifest: Manifest, hf_model, tol: float, seed:
     spec, dtype = manifest.model, manifest.dtype
     checks = [Check("embed.onnx", check.check_embed(manifest.path("embed"), hf_model, spec, seed), tol, "transformers")]
     for layer in range(spec.num_layers):
-        err = check.check_layer(manifest.layer_path(layer), hf_model.model.decoder.layers[layer], spec, dtype,
-                                seed + layer)
+        err = check.check_layer(manifest.layer_path(layer), hf_model, layer, spec, dtype, seed + layer)
         checks.append(Check(f"layer_{layer:02d}.onnx", err, tol, "transformers"))
     checks.append(Check("head.onnx", check.check_head(manifest.path("head"), hf_model, spec, dtype, seed), tol,
                         "transformers"))
     return checks
 
 
-def _hf_model(model):
+def _hf_model(model, manifest: Manifest):
     from .exporter.checkpoint import load_model
 
-    return load_model(model)[1]
+    spec, hf_model = load_model(model)
+    shape = ("model_type", "num_layers", "hidden_size", "num_heads", "kv_heads", "head_dim", "ffn_dim", "vocab_size")
+    differ = [f"{k} {getattr(spec, k)} vs {getattr(manifest.model, k)}" for k in shape
+              if getattr(spec, k) != getattr(manifest.model, k)]
+    if differ:
+        raise InputError(f"{model} is not the checkpoint {manifest.directory} was exported from: {', '.join(differ)}")
+    return hf_model
 
 
 def _prompts(manifest: Manifest, seed: int) -> list[list[int]]:

@@ -68,7 +68,7 @@ def test_layer_runs_with_empty_past_and_matches_transformers(exports, hf_models,
 def test_manifest_lists_every_file_with_its_sha256(exports, variant):
     directory = exports[variant]
     data = json.loads((directory / "manifest.json").read_text())
-    assert data["format_version"] == 1
+    assert data["format_version"] == 2
     on_disk = {p.name for p in directory.iterdir() if p.name != "manifest.json"}
     assert set(data["files"]) == on_disk
     for name, info in data["files"].items():
@@ -99,11 +99,12 @@ def test_existing_output_needs_force(checkpoints, exports, tmp_path):
     assert not (out / "stale.txt").exists() and read_manifest(out).model.num_layers == 4
 
 
-def test_non_opt_checkpoint_is_refused_by_name(tmp_path):
+def test_unsupported_architecture_is_refused_naming_the_supported_ones(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(CheckpointError, match="is a 'gpt2' checkpoint; skipdeploy exports OPT"):
+    with pytest.raises(CheckpointError, match="is a GPT2LMHeadModel checkpoint; skipdeploy exports OPTForCausalLM, "
+                                              "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
         skipdeploy.export(tmp_path / "gpt2", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -32,10 +32,22 @@ def test_unknown_format_version(exports, tmp_path):
     data = json.loads((copy / "manifest.json").read_text())
     data["format_version"] = 99
     (copy / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match="format_version 99; this skipdeploy reads version 1"):
+    with pytest.raises(ManifestError, match="format_version 99; this skipdeploy reads versions 1, 2"):
         skipdeploy.load(copy)
     result = CliRunner().invoke(main, ["inspect", str(copy)])
     assert result.exit_code == 1 and "format_version 99" in result.output
+
+
+def test_a_version_1_opt_export_still_loads_and_decodes_the_same(exports, tmp_path):
+    """What the previous release wrote: format 1, a model description without the family fields."""
+    copy = _copy(exports["tiny"], tmp_path)
+    data = json.loads((copy / "manifest.json").read_text())
+    data["format_version"] = 1
+    for key in ("num_kv_heads", "norm_eps", "rope", "sliding_window"):
+        del data["model"][key]
+    (copy / "manifest.json").write_text(json.dumps(data))
+    old = skipdeploy.load(copy).generate(PROMPTS, 6, eos_token_id=None).tokens
+    assert old == skipdeploy.load(exports["tiny"]).generate(PROMPTS, 6, eos_token_id=None).tokens
 
 
 def test_cache_that_does_not_fit_says_what_it_needs(exports):

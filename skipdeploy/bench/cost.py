@@ -1,9 +1,10 @@
 """What a decode step costs, from the model's shapes and the export's files.
 
 Cost model (multiply-adds per generated token and row; E hidden, F ffn, V vocabulary, W
-word-embedding width, S keys attended):
+word-embedding width, S keys attended, A = heads x head_dim, K = kv heads x head_dim, M = 2 for
+an MLP of two matrices (OPT) and 3 for a gated one (the Llama family)):
     embed  = E*W if W != E (project_in) else 0        (the lookups are free)
-    layer  = 4*E*E + 2*E*F + 2*S*E                    (q, k, v, out projections; fc1, fc2;
+    layer  = 2*E*A + 2*E*K + M*E*F + 2*S*A            (q and out, k and v projections; the MLP;
                                                        scores and weighted values)
     head   = W*V + E*W if W != E (project_out)        (final LayerNorm not counted)
 A step that runs the layer set ``Ls`` costs embed + sum over Ls of layer + head, and a schedule's
@@ -26,9 +27,13 @@ from ..schedule import LayerSchedule
 def cost_model(spec: ModelSpec) -> dict[str, int]:
     """Multiply-adds per row of one decode step, by component; ``layer`` excludes attention
     (``attention_per_key`` times the keys attended is added per layer)."""
+    from ..families import for_model_type
+
     E, F, V, W = spec.hidden_size, spec.ffn_dim, spec.vocab_size, spec.word_embed_proj_dim
-    return {"embed": E * W if W != E else 0, "layer": 4 * E * E + 2 * E * F, "attention_per_key": 2 * E,
-            "head": W * V + (E * W if W != E else 0)}
+    A, K = spec.attention_dim, spec.kv_dim
+    mlp = 3 if for_model_type(spec.model_type).rope else 2  # SwiGLU: gate, up, down
+    return {"embed": E * W if W != E else 0, "layer": 2 * E * A + 2 * E * K + mlp * E * F,
+            "attention_per_key": 2 * A, "head": W * V + (E * W if W != E else 0)}
 
 
 def step_macs(spec: ModelSpec, layers: int, keys: int) -> int:
@@ -75,6 +80,6 @@ def bytes_per_token(manifest: Manifest, schedule: LayerSchedule, batch: int, pro
     steps = range(max(1, new_tokens - 1))
     total = 0.0
     for s in steps:
-        kv = 2 * (prompt_length + s) * batch * spec.hidden_size * size
+        kv = 2 * (prompt_length + s) * batch * spec.kv_dim * size
         total += sum(sizes[f"layer_{i:02d}"] + kv for i in schedule.layers(s)) + sizes["head"]
     return total / len(steps)

@@ -106,7 +106,7 @@ def memory_probe(directory: str, batch: int, prompt_length: int, new_tokens: int
     full = Schedule.full(spec.num_layers)
     runtime.generate(prompts_for(batch, prompt_length, spec.vocab_size, seed), new_tokens, full, eos_token_id=None)
     peak = peak_rss()
-    kv = cache_bytes(plan_capacities(full, prompt_length, new_tokens), batch, spec.num_heads, spec.head_dim,
+    kv = cache_bytes(plan_capacities(full, prompt_length, new_tokens), batch, spec.kv_heads, spec.head_dim,
                      itemsize(runtime.manifest.dtype))
     return {"peak_rss_bytes": int(peak), "weights_bytes": weight_bytes(runtime.manifest), "kv_cache_bytes": int(kv)}
 

@@ -17,6 +17,7 @@ from .options import format_size, json_option
 def command(directory: Path, as_json: bool, no_verify: bool) -> None:
     """Summarize an export directory (and verify its files' checksums)."""
     from ..manifest import read_manifest
+    from ..numerics import itemsize
 
     m = read_manifest(directory, verify=not no_verify)
     if as_json:
@@ -26,8 +27,12 @@ def command(directory: Path, as_json: bool, no_verify: bool) -> None:
     check = m.raw.get("check", {}).get("max_abs_error") or {}
     rows = [
         ("export", f"{m.directory} (format {m.raw['format_version']}, skipdeploy {m.tools.get('skipdeploy', '?')})"),
-        ("model", f"{s.model_type}, {s.num_layers} layers, hidden {s.hidden_size}, {s.num_heads} heads x {s.head_dim}, "
-                  f"ffn {s.ffn_dim}, vocab {s.vocab_size}, {s.max_positions} positions, {s.layer_norm}-LayerNorm"),
+        ("model", f"{s.model_type}, {s.num_layers} layers, hidden {s.hidden_size}, {s.num_heads} heads x {s.head_dim}"
+                  f"{f' ({s.kv_heads} key/value heads)' if s.kv_heads != s.num_heads else ''}, ffn {s.ffn_dim}, "
+                  f"vocab {s.vocab_size}, {s.max_positions} positions, "
+                  f"{_positions(s)}"),
+        ("KV cache", f"{format_size(2 * s.num_layers * s.kv_dim * itemsize(m.dtype))} per token and row with every "
+                     "layer run (a schedule's skipped layers hold none)"),
         ("graphs", f"{m.dtype}, opset {m.opset}, KV {m.raw.get('kv_contract')} ({m.raw.get('kv_layout')})"),
         *([("weights", _describe_quantization(m.quantization))] if m.quantization else []),
         ("schedule", m.schedule.describe()),
@@ -41,6 +46,15 @@ def command(directory: Path, as_json: bool, no_verify: bool) -> None:
     ]
     for key, value in rows:
         click.echo(f"{key:<10} {value}")
+
+
+def _positions(s) -> str:
+    if s.rope:
+        scaling = s.rope.get("rope_type", "default")
+        theta = s.rope.get("rope_theta")
+        return (f"RoPE theta {theta:g}{'' if scaling == 'default' else f' ({scaling} scaling)'}, "
+                f"RMSNorm eps {s.norm_eps:g}")
+    return f"learned positions, {s.layer_norm}-LayerNorm"
 
 
 def _describe_quantization(q: dict) -> str:

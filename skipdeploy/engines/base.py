@@ -34,7 +34,7 @@ MASKED_SLOT_VALUE = 2 * MASK_VALUE
 
 
 class KVCache:
-    """Per-layer key and value buffers of shape [capacity_l, batch, heads, head_dim].
+    """Per-layer key and value buffers of shape [capacity_l, batch, kv_heads, head_dim].
 
     ``storage`` is the engine's own record of the memory behind them, used when the cache is
     released. How many positions of a layer are valid is kept by the cache's owner, checked
@@ -50,7 +50,7 @@ class KVCache:
 
 
 class SlotCache:
-    """The in-flight engine's cache: per layer, key and value buffers [rows, heads, capacity,
+    """The in-flight engine's cache: per layer, key and value buffers [rows, kv_heads, capacity,
     head_dim] (BNSH), one slot of ``capacity`` positions per running request. A slot's row is
     contiguous, so any run of consecutive slots is one dense block that binds in place."""
 
@@ -89,13 +89,20 @@ class Engine(ABC):
     def embed(self, input_ids: np.ndarray, position_ids: np.ndarray) -> Any:
         """Hidden states [B,T,E] for int64 ids and positions [B,T]."""
 
-    def layer(self, index: int, hidden: Any, cache: KVCache, past: int, attention_bias: np.ndarray) -> Any:
+    def layer(self, index: int, hidden: Any, cache: KVCache, past: int, attention_bias: np.ndarray,
+              positions: np.ndarray | None = None) -> Any:
         """Run layer ``index`` on T new positions; write their keys and values into
-        ``cache[index][past:past+T]`` in place; return the new hidden states.
+        ``cache[index][past:past+T]`` in place; return the new hidden states. ``positions`` (int64
+        [B, T], the embedding's position ids) are needed by families whose layers rotate by
+        position (RoPE); others ignore them.
 
         Checked here for every backend: with raw pointers, a call that writes outside the layer's
         cache or masks the wrong keys would corrupt memory silently."""
         batch, new = hidden.shape[0], hidden.shape[1]
+        if self.manifest.layers_take_positions:
+            if positions is None or positions.shape != (batch, new):
+                raise BackendError(f"layer {index}: this model's layers take position ids [{batch}, {new}]")
+            positions = np.ascontiguousarray(positions, np.int64)
         if past + new > cache.capacities[index]:
             raise BackendError(f"layer {index}: writing positions {past}..{past + new - 1} would overflow "
                                f"its cache of {cache.capacities[index]} positions")
@@ -103,10 +110,11 @@ class Engine(ABC):
             raise BackendError(f"layer {index}: {batch} rows of hidden states for a cache of {cache.batch} rows")
         if attention_bias.shape != (batch, past + new) or not attention_bias.flags.c_contiguous:
             raise BackendError(f"layer {index}: attention bias must be a contiguous [{batch}, {past + new}] array")
-        return self._layer(index, hidden, cache, past, attention_bias)
+        return self._layer(index, hidden, cache, past, attention_bias, positions)
 
     @abstractmethod
-    def _layer(self, index: int, hidden: Any, cache: KVCache, past: int, attention_bias: np.ndarray) -> Any:
+    def _layer(self, index: int, hidden: Any, cache: KVCache, past: int, attention_bias: np.ndarray,
+               positions: np.ndarray | None) -> Any:
         """The backend's layer call; the arguments are checked."""
 
     @abstractmethod
@@ -117,8 +125,9 @@ class Engine(ABC):
     def allocate_slots(self, rows: int, capacity: int) -> SlotCache:
         raise BackendError(f"the {self.name} backend does not run in-flight batching; use onnxruntime or torch")
 
-    def layer_in(self, index: int, hidden: Any) -> tuple[Any, Any, Any]:
-        """Query, key and value [N, E] of layer ``index`` for hidden rows [N, E]."""
+    def layer_in(self, index: int, hidden: Any, positions: np.ndarray) -> tuple[Any, Any, Any]:
+        """Query [N, H*D], key and value [N, Hkv*D] of layer ``index`` for hidden rows [N, E] at
+        ``positions`` [N] (int64)."""
         raise BackendError(f"the {self.name} backend does not run in-flight batching")
 
     def attend(self, index: int, query: Any, key: Any, value: Any, context: Any, cache: SlotCache, first: int,
@@ -129,7 +138,7 @@ class Engine(ABC):
         raise BackendError(f"the {self.name} backend does not run in-flight batching")
 
     def layer_out(self, index: int, hidden: Any, context: Any) -> Any:
-        """Hidden rows [N, E] after layer ``index``, from its input rows and attention output."""
+        """Hidden rows [N, E] after layer ``index``, from its input rows and attention output [N, H*D]."""
         raise BackendError(f"the {self.name} backend does not run in-flight batching")
 
     def take_rows(self, hidden: Any, rows: np.ndarray) -> Any:

@@ -170,7 +170,7 @@ class OnnxRuntimeEngine(Engine):
         return buf
 
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
-        H, D = self.spec.num_heads, self.spec.head_dim
+        H, D = self.spec.kv_heads, self.spec.head_dim
         flat_keys, flat_values = self._free.lease([cap * batch * H * D for cap in capacities], lambda b: b.size,
                                                   lambda n: np.empty(n, self.dtype))
         shapes = [(cap, batch, H, D) for cap in capacities]
@@ -189,21 +189,24 @@ class OnnxRuntimeEngine(Engine):
         pos = np.ascontiguousarray(position_ids, np.int64)
         io = self._embed_io
         io.input("input_ids", np.int64, [B, T], ids.ctypes.data)
-        io.input("position_ids", np.int64, [B, T], pos.ctypes.data)
+        if self.manifest.embed_takes_positions:
+            io.input("position_ids", np.int64, [B, T], pos.ctypes.data)
         io.output("hidden", self.dtype, out.shape, out.ctypes.data)
         io.run()
         return out
 
     def _layer(self, index: int, hidden: np.ndarray, cache: KVCache, past: int,
-               attention_bias: np.ndarray) -> np.ndarray:
+               attention_bias: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
         B, T, E = hidden.shape
-        H, D = self.spec.num_heads, self.spec.head_dim
+        H, D = self.spec.kv_heads, self.spec.head_dim
         keys, values = cache.keys[index], cache.values[index]
         slot = B * H * D * keys.itemsize
         which = 1 if self._buffers.get(("hidden", 1, B, T)) is not hidden else 0
         out = self._buffer(("hidden", which, B, T), (B, T, E), self.dtype)
         io = self._layer_io[index]
         io.input("hidden", self.dtype, [B, T, E], hidden.ctypes.data)
+        if positions is not None and self.manifest.layers_take_positions:
+            io.input("position_ids", np.int64, [B, T], positions.ctypes.data)
         io.input("past_key", self.dtype, [past, B, H, D], keys.ctypes.data)
         io.input("past_value", self.dtype, [past, B, H, D], values.ctypes.data)
         io.input("attention_bias", np.float32, [B, past + T], attention_bias.ctypes.data)

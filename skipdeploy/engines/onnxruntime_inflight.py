@@ -36,7 +36,7 @@ class InflightOnnxRuntimeEngine(OnnxRuntimeEngine):
         spec, manifest, opset = self.spec, self.manifest, self.manifest.opset
         self.in_sessions, self.out_sessions = [], []
         for i in range(spec.num_layers):
-            weights = read_layer_weights(manifest.layer_path(i))
+            weights = read_layer_weights(manifest.layer_path(i), spec)
             self.in_sessions.append(session(build_layer_in(spec, weights, manifest.dtype, opset).SerializeToString()))
             self.out_sessions.append(session(build_layer_out(spec, weights, manifest.dtype, opset)
                                              .SerializeToString()))
@@ -47,40 +47,49 @@ class InflightOnnxRuntimeEngine(OnnxRuntimeEngine):
         self._attention_io = PointerBinding(self.attention_session)
         return []
 
-    def _layer(self, index, hidden, cache, past, attention_bias):
+    def _layer(self, index, hidden, cache, past, attention_bias, positions):
         raise BackendError("this engine runs in-flight batching only; load the export with skipdeploy.load for "
                            "static batches")
 
     # -- in-flight batching ---------------------------------------------------------------------
     def allocate_slots(self, rows: int, capacity: int) -> SlotCache:
-        H, D = self.spec.num_heads, self.spec.head_dim
+        H, D = self.spec.kv_heads, self.spec.head_dim
         # Zeroed: GroupQueryAttention reads only each row's own positions, but finite memory keeps
         # any kernel that touches the whole capacity from meeting NaN.
         shape = (rows, H, capacity, D)
         return SlotCache([np.zeros(shape, self.dtype) for _ in range(self.spec.num_layers)],
                          [np.zeros(shape, self.dtype) for _ in range(self.spec.num_layers)], rows, capacity)
 
-    def layer_in(self, index: int, hidden: np.ndarray):
+    def layer_in(self, index: int, hidden: np.ndarray, positions: np.ndarray):
         hidden = np.ascontiguousarray(hidden, self.dtype)
         N, E = hidden.shape
-        q, k, v = (self._buffer((name, N), (N, E), self.dtype) for name in ("query", "key", "value"))
+        widths = {"query": self.spec.attention_dim, "key": self.spec.kv_dim, "value": self.spec.kv_dim}
+        outs = {name: self._buffer((name, N), (N, width), self.dtype) for name, width in widths.items()}
         io = self._in_io[index]
         io.input("hidden", self.dtype, [N, E], hidden.ctypes.data)
-        for name, out in (("query", q), ("key", k), ("value", v)):
-            io.output(name, self.dtype, [N, E], out.ctypes.data)
+        if self.manifest.layers_take_positions:
+            positions = np.ascontiguousarray(positions, np.int64)
+            if positions.shape != (N,):
+                raise BackendError(f"layer {index}: {positions.shape} positions for {N} rows")
+            io.input("position_ids", np.int64, [N], positions.ctypes.data)
+        for name, out in outs.items():
+            io.output(name, self.dtype, list(out.shape), out.ctypes.data)
         io.run()
-        return q, k, v
+        return outs["query"], outs["key"], outs["value"]
 
     def attend(self, index: int, query, key, value, context, cache: SlotCache, first: int, cached: np.ndarray,
                new: int) -> None:
         B = len(cached)
-        H, D, E, C = self.spec.num_heads, self.spec.head_dim, self.spec.hidden_size, cache.capacity
+        H, D, C = self.spec.kv_heads, self.spec.head_dim, cache.capacity
         if first < 0 or first + B > cache.rows or int(np.max(cached)) + new > C:
             raise BackendError(f"layer {index}: slots {first}..{first + B - 1} with {int(np.max(cached)) + new} "
                                f"positions do not fit the slot cache ({cache.rows} rows of {C})")
-        for rows in (query, key, value, context):
-            if rows.shape != (B * new, E) or not rows.flags.c_contiguous:
-                raise BackendError(f"layer {index}: attention rows must be contiguous [{B * new}, {E}] arrays")
+        widths = {"query": self.spec.attention_dim, "key": self.spec.kv_dim, "value": self.spec.kv_dim,
+                  "context": self.spec.attention_dim}
+        for (name, width), rows in zip(widths.items(), (query, key, value, context)):
+            if rows.shape != (B * new, width) or not rows.flags.c_contiguous:
+                raise BackendError(f"layer {index}: attention {name} rows must be a contiguous [{B * new}, {width}] "
+                                   "array")
         seqlens = (np.asarray(cached, np.int32) + (new - 1)).astype(np.int32)
         total = np.array(int(np.max(cached)) + new, np.int32)
         slot = H * C * D * np.dtype(self.dtype).itemsize
@@ -88,12 +97,12 @@ class InflightOnnxRuntimeEngine(OnnxRuntimeEngine):
         values = cache.values[index].ctypes.data + first * slot
         io = self._attention_io
         for name, rows in (("query", query), ("key", key), ("value", value)):
-            io.input(name, self.dtype, [B, new, E], rows.ctypes.data)
+            io.input(name, self.dtype, [B, new, widths[name]], rows.ctypes.data)
         io.input("past_key", self.dtype, [B, H, C, D], keys)
         io.input("past_value", self.dtype, [B, H, C, D], values)
         io.input("seqlens_k", np.int32, [B], seqlens.ctypes.data)
         io.input("total_sequence_length", np.int32, [], total.ctypes.data)
-        io.output("context", self.dtype, [B, new, E], context.ctypes.data)
+        io.output("context", self.dtype, [B, new, widths["context"]], context.ctypes.data)
         io.output("present_key", self.dtype, [B, H, C, D], keys)
         io.output("present_value", self.dtype, [B, H, C, D], values)
         io.run()
@@ -104,7 +113,7 @@ class InflightOnnxRuntimeEngine(OnnxRuntimeEngine):
         out = np.empty((N, E), self.dtype)  # the caller keeps it: a fresh array, not a reused buffer
         io = self._out_io[index]
         io.input("hidden", self.dtype, [N, E], hidden.ctypes.data)
-        io.input("context", self.dtype, [N, E], context.ctypes.data)
+        io.input("context", self.dtype, [N, self.spec.attention_dim], context.ctypes.data)
         io.output("hidden_out", self.dtype, [N, E], out.ctypes.data)
         io.run()
         return out

@@ -119,7 +119,7 @@ class OrtValueEngine(Engine):
         return value
 
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
-        H, D = self.spec.num_heads, self.spec.head_dim
+        H, D = self.spec.kv_heads, self.spec.head_dim
         flat_keys, flat_values = self._free.lease([max(1, (cap + self.pad) * batch * H * D) for cap in capacities],
                                                   lambda v: v.shape()[0], self._buffer)
         offset = self.pad * batch * H * D * np.dtype(self.dtype).itemsize  # the real positions, after the slot
@@ -162,15 +162,17 @@ class OrtValueEngine(Engine):
         pos = np.ascontiguousarray(position_ids, np.int64)
         io = self._embed_io
         io.bind_input("input_ids", "cpu", 0, np.int64, [B, T], ids.ctypes.data)
-        io.bind_input("position_ids", "cpu", 0, np.int64, [B, T], pos.ctypes.data)
+        if self.manifest.embed_takes_positions:
+            io.bind_input("position_ids", "cpu", 0, np.int64, [B, T], pos.ctypes.data)
         io.bind_ortvalue_output("hidden", out.value)
         self.embed_session.run_with_iobinding(io)
         return out
 
-    def _layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray) -> DeviceArray:
+    def _layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray,
+               positions: np.ndarray | None) -> DeviceArray:
         hidden = self._hidden(hidden)
         B, T, E = hidden.shape
-        H, D = self.spec.num_heads, self.spec.head_dim
+        H, D = self.spec.kv_heads, self.spec.head_dim
         slot = B * H * D * np.dtype(self.dtype).itemsize
         keys, values = cache.keys[index].value.data_ptr(), cache.values[index].value.data_ptr()
         P = past + self.pad  # positions bound as the past, the masked slot included
@@ -180,6 +182,8 @@ class OrtValueEngine(Engine):
         dev, i = self.device, self.device_id
         io = self._layer_io[index]
         io.bind_input("hidden", dev, i, self.dtype, [B, T, E], hidden.ptr)
+        if positions is not None and self.manifest.layers_take_positions:  # from the host, as the embedding's
+            io.bind_input("position_ids", "cpu", 0, np.int64, [B, T], positions.ctypes.data)
         io.bind_input("past_key", dev, i, self.dtype, [P, B, H, D], keys)
         io.bind_input("past_value", dev, i, self.dtype, [P, B, H, D], values)
         io.bind_input("attention_bias", dev, i, np.float32, [B, P + T], bias.ptr)

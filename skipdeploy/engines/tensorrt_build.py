@@ -103,11 +103,15 @@ class Profile:
 
     def shapes(self, kind: str, spec) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
         """Per optimization profile: input name -> (min, opt, max) shapes."""
-        E, H, D = spec.hidden_size, spec.num_heads, spec.head_dim
+        E, H, D = spec.hidden_size, spec.kv_heads, spec.head_dim
+        from ..families import for_model_type
+
+        rope = for_model_type(spec.model_type).rope  # layers take positions, the embedding none
         b = (1, self.opt_batch, self.max_batch)
         if kind == "embed":
             t = (1, 1, self.max_prompt)
-            return [{name: tuple((b[i], t[i]) for i in range(3)) for name in ("input_ids", "position_ids")}]
+            names = ("input_ids",) if rope else ("input_ids", "position_ids")
+            return [{name: tuple((b[i], t[i]) for i in range(3)) for name in names}]
         if kind == "head":
             return [{"hidden": tuple((b[i], E) for i in range(3))}]
         pad = PAST_PAD
@@ -117,6 +121,8 @@ class Profile:
                   "past_key": tuple((past[i], b[i], H, D) for i in range(3)),
                   "past_value": tuple((past[i], b[i], H, D) for i in range(3)),
                   "attention_bias": tuple((b[i], past[i] + 1) for i in range(3))}
+        if rope:
+            decode["position_ids"] = tuple((b[i], 1) for i in range(3))
         # prefill: up to max_prompt new tokens after at most max_prompt - 1 earlier positions
         new = (1, self.opt_prompt, self.max_prompt)
         past = (pad, pad, self.max_prompt - 1 + pad)
@@ -124,6 +130,8 @@ class Profile:
                    "past_key": tuple((past[i], b[i], H, D) for i in range(3)),
                    "past_value": tuple((past[i], b[i], H, D) for i in range(3)),
                    "attention_bias": tuple((b[i], past[i] + new[i]) for i in range(3))}
+        if rope:
+            prefill["position_ids"] = tuple((b[i], new[i]) for i in range(3))
         return [decode, prefill]
 
 

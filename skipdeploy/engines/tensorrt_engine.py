@@ -161,7 +161,7 @@ class TensorRTEngine(Engine):
         return buf
 
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
-        H, D = self.spec.num_heads, self.spec.head_dim
+        H, D = self.spec.kv_heads, self.spec.head_dim
         item = np.dtype(self.dtype).itemsize
         # Zeroed at allocation: the masked slot in front is read (with zero weight) and must be finite.
         flat_keys, flat_values = self._free.lease([(cap + PAST_PAD) * batch * H * D * item for cap in capacities],
@@ -207,22 +207,30 @@ class TensorRTEngine(Engine):
     def embed(self, input_ids: np.ndarray, position_ids: np.ndarray) -> DeviceTensor:
         B, T = input_ids.shape
         graph = self.embed_graph
-        shapes = {"input_ids": (B, T), "position_ids": (B, T)}
-        self._check(graph, 0, shapes, "prompt chunk", "--max-prompt/--max-batch")
+        shapes = {"input_ids": (B, T)}
         ids = np.ascontiguousarray(input_ids, graph.dtypes["input_ids"])
-        pos = np.ascontiguousarray(position_ids, graph.dtypes["position_ids"])
-        ids_buf, pos_buf = self._buffer(("ids",), ids.nbytes), self._buffer(("positions",), pos.nbytes)
+        ids_buf = self._buffer(("ids",), ids.nbytes)
         self.memory.upload(ids_buf, ids)
-        self.memory.upload(pos_buf, pos)
         out = self._hidden_out(0, B, T)
-        graph.run(0, shapes, {"input_ids": ids_buf.ptr, "position_ids": pos_buf.ptr, "hidden": out.ptr},
-                  self.memory.stream)
+        addresses = {"input_ids": ids_buf.ptr, "hidden": out.ptr}
+        if self.manifest.embed_takes_positions:
+            shapes["position_ids"] = (B, T)
+            addresses["position_ids"] = self._upload_positions(position_ids, graph).ptr
+        self._check(graph, 0, shapes, "prompt chunk", "--max-prompt/--max-batch")
+        graph.run(0, shapes, addresses, self.memory.stream)
         return out
 
-    def _layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray) -> DeviceTensor:
+    def _upload_positions(self, positions: np.ndarray, graph):
+        pos = np.ascontiguousarray(positions, graph.dtypes["position_ids"])
+        buf = self._buffer(("positions",), pos.nbytes)
+        self.memory.upload(buf, pos)
+        return buf
+
+    def _layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray,
+               positions: np.ndarray | None) -> DeviceTensor:
         hidden = self._device(hidden)
         B, T, E = hidden.shape
-        H, D = self.spec.num_heads, self.spec.head_dim
+        H, D = self.spec.kv_heads, self.spec.head_dim
         P = past + PAST_PAD
         profile = DECODE_PROFILE if T == 1 else PREFILL_PROFILE
         shapes = {"hidden": (B, T, E), "past_key": (P, B, H, D), "past_value": (P, B, H, D),
@@ -237,6 +245,9 @@ class TensorRTEngine(Engine):
         out = self._hidden_out(which, B, T)
         addresses = {"hidden": hidden.ptr, "past_key": keys, "past_value": values, "attention_bias": bias.ptr,
                      "hidden_out": out.ptr, "key": keys + P * slot, "value": values + P * slot}
+        if self.manifest.layers_take_positions:
+            shapes["position_ids"] = (B, T)
+            addresses["position_ids"] = self._upload_positions(positions, graph).ptr
         staged = (P * slot) % ALIGNMENT != 0  # TensorRT wants 256-byte aligned tensor addresses
         if staged:  # rare (hidden size x dtype not a multiple of 256 bytes): write aside, then copy in
             new = T * slot

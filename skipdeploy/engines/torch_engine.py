@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendError
+from ..families import for_model_type
 from ..manifest import Manifest
 from ..numerics import MASK_VALUE, round_up
 from .base import Engine, KVCache
@@ -49,11 +50,6 @@ def _weights(path) -> dict[str, "torch.Tensor"]:
     model = onnx.load(str(path))
     return {init.name: torch.from_numpy(numpy_helper.to_array(init).copy()) for init in model.graph.initializer
             if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and init.dims}
-
-
-def _keep_fp32(name: str) -> bool:
-    """LayerNorm parameters stay float32 (the graphs normalize in float32 too)."""
-    return name.startswith(("ln_", "final_layer_norm"))
 
 
 @dataclass(eq=False)  # identity: list.remove must not compare tensors
@@ -131,6 +127,7 @@ class TorchEngine(TorchInflight, Engine):
         self.static_cache = bool(cuda_graphs if static_cache is None else static_cache)
         if self.cuda_graphs and not self.static_cache:
             raise BackendError("CUDA graphs need the static-cache decode path (static_cache=True)")
+        self.family = for_model_type(self.spec.model_type)
         self.embed_w = self._load(manifest.path("embed"))
         self.layer_w = [self._load(manifest.layer_path(i)) for i in range(self.spec.num_layers)]
         self.head_w = self._load(manifest.path("head"))
@@ -138,12 +135,13 @@ class TorchEngine(TorchInflight, Engine):
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     def _load(self, path) -> dict[str, "torch.Tensor"]:
-        return {k: v.to(device=self.device, dtype=torch.float32 if _keep_fp32(k) else self.dtype)
-                for k, v in _weights(path).items()}
+        # Norm parameters and RoPE frequencies stay float32 (the graphs compute them in float32 too).
+        return {k: v.to(device=self.device, dtype=torch.float32 if k.startswith(self.family.FP32_PREFIXES)
+                        else self.dtype) for k, v in _weights(path).items()}
 
     # -- cache -------------------------------------------------------------------------------
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
-        H, D = self.spec.num_heads, self.spec.head_dim
+        H, D = self.spec.kv_heads, self.spec.head_dim
         if not self.static_cache:
             shape = [(cap, batch, H, D) for cap in capacities]
             keys = [torch.empty(s, dtype=self.dtype, device=self.device) for s in shape]
@@ -164,7 +162,7 @@ class TorchEngine(TorchInflight, Engine):
         that batch size (its graphs too) when there is one, grown (by BUCKET positions) where too
         small, which drops the graphs captured on the old addresses. Zeroed at allocation: masked
         positions are multiplied by zero weights, and 0 x NaN would be NaN."""
-        H, D, L = self.spec.num_heads, self.spec.head_dim, self.spec.num_layers
+        H, D, L = self.spec.kv_heads, self.spec.head_dim, self.spec.num_layers
         pool = next((p for p in reversed(self._free) if p.batch == batch), None)
         if pool is None:
             pool = _Pool(batch, [None] * L, [None] * L)
@@ -208,85 +206,66 @@ class TorchEngine(TorchInflight, Engine):
         return self._embed(ids, pos)
 
     def _embed(self, ids, pos):
-        w = self.embed_w
-        x = torch.nn.functional.embedding(ids, w["embed_tokens.weight"])
-        if "project_in.weight" in w:
-            x = x @ w["project_in.weight"]
-        return x + torch.nn.functional.embedding(pos + 2, w["embed_positions.weight"])
+        return self.family.torch_embed(self.embed_w, ids, pos)
 
-    def _layer_norm(self, x, weight, bias):
-        y = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), weight, bias, 1e-5)
-        return y.to(self.dtype)
+    def _layer_input(self, index: int, hidden, positions):
+        return self.family.torch_layer_input(self.layer_w[index], self.spec, hidden, positions, self.dtype)
 
-    def _linear(self, x, w, name):
-        y = x @ w[f"{name}.weight"]
-        return y + w[f"{name}.bias"] if f"{name}.bias" in w else y
+    def _layer_output(self, index: int, x, context):
+        return self.family.torch_layer_output(self.layer_w[index], self.spec, x, context, self.dtype)
+
+    def _heads(self, t, heads: int):
+        """[..., heads*D] -> [..., heads, D]."""
+        return t.reshape(*t.shape[:-1], heads, self.spec.head_dim)
 
     @torch.no_grad()
-    def _layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray):
+    def _layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray, positions=None):
         if isinstance(hidden, _PendingStep):
             return hidden.then(index, cache, past, attention_bias)
-        return self._dynamic_layer(index, hidden, cache, past, attention_bias)
+        return self._dynamic_layer(index, hidden, cache, past, attention_bias, positions)
 
-    def _dynamic_layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray):
+    def _dynamic_layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray,
+                       positions):
         """Attention over the valid prefix ``[:past+T]`` (the reference path)."""
         B, T, E = hidden.shape
-        H, D = self.spec.num_heads, self.spec.head_dim
-        w = self.layer_w[index]
-        x, h = self._attention_input(hidden, w)
-        q, k, v = self._linear(h, w, "qkv").split(E, dim=-1)
+        H, Hkv = self.spec.num_heads, self.spec.kv_heads
+        pos = None if positions is None else torch.as_tensor(positions, dtype=torch.long, device=self.device)
+        q, k, v = self._layer_input(index, hidden, pos)
         keys, values = cache.keys[index], cache.values[index]
-        keys[past:past + T] = k.view(B, T, H, D).transpose(0, 1)
-        values[past:past + T] = v.view(B, T, H, D).transpose(0, 1)
-        K = keys[:past + T].permute(1, 2, 3, 0)                         # [B,H,D,S]
-        V = values[:past + T].permute(1, 2, 0, 3)                       # [B,H,S,D]
-        q = q.view(B, T, H, D).transpose(1, 2)                          # [B,H,T,D]
+        keys[past:past + T] = self._heads(k, Hkv).transpose(0, 1)
+        values[past:past + T] = self._heads(v, Hkv).transpose(0, 1)
+        G = H // Hkv                                                    # query heads per key/value head
+        K = keys[:past + T].permute(1, 2, 3, 0).repeat_interleave(G, 1)  # [B,H,D,S]
+        V = values[:past + T].permute(1, 2, 0, 3).repeat_interleave(G, 1)  # [B,H,S,D]
+        q = self._heads(q, H).transpose(1, 2)                           # [B,H,T,D]
         scores = (q @ K).float()
         key_pos = torch.arange(past + T, device=self.device)
         query_pos = torch.arange(past, past + T, device=self.device)
         causal = torch.where(key_pos[None, :] <= query_pos[:, None], 0.0, MASK_VALUE)
         bias = torch.as_tensor(attention_bias, dtype=torch.float32, device=self.device)
         probs = torch.softmax(scores + causal + bias[:, None, None, :], dim=-1).to(self.dtype)
-        context = (probs @ V).transpose(1, 2).reshape(B, T, E)
-        return self._layer_output(x, context, w)
+        context = (probs @ V).transpose(1, 2).reshape(B, T, -1)
+        return self._layer_output(index, hidden, context)
 
     def _static_layer(self, index: int, hidden, pool: _Pool):
         """One decode position: write its key/value at the device-held position, then attend over
         the layer's whole buffer, masking keys beyond that position. No host sync, fixed shapes."""
         B, T, E = hidden.shape
-        H, D = self.spec.num_heads, self.spec.head_dim
-        w = self.layer_w[index]
-        x, h = self._attention_input(hidden, w)
-        q, k, v = self._linear(h, w, "qkv").split(E, dim=-1)
-        keys, values = pool.keys[index], pool.values[index]            # [C,B,H,D]
+        H, Hkv = self.spec.num_heads, self.spec.kv_heads
+        G = H // Hkv
+        q, k, v = self._layer_input(index, hidden, pool.ints[B:2 * B].view(B, 1))
+        keys, values = pool.keys[index], pool.values[index]            # [C,B,Hkv,D]
         C = keys.shape[0]
         where = pool.ints[2 * B:2 * B + 1]                               # [1] write position
-        keys.index_copy_(0, where, k.view(B, T, H, D).transpose(0, 1))
-        values.index_copy_(0, where, v.view(B, T, H, D).transpose(0, 1))
-        q = q.view(B, T, H, D).transpose(1, 2)                          # [B,H,1,D]
-        scores = (q @ keys.permute(1, 2, 3, 0)).float()                 # [B,H,1,C]
+        keys.index_copy_(0, where, self._heads(k, Hkv).transpose(0, 1))
+        values.index_copy_(0, where, self._heads(v, Hkv).transpose(0, 1))
+        q = self._heads(q, H).transpose(1, 2)                           # [B,H,1,D]
+        scores = (q @ keys.permute(1, 2, 3, 0).repeat_interleave(G, 1)).float()  # [B,H,1,C]
         visible = pool.arange[:C] <= where                               # [C]
         scores = torch.where(visible, scores + pool.bias[:, None, None, :C], MASK_VALUE)
         probs = torch.softmax(scores, dim=-1).to(self.dtype)
-        context = (probs @ values.permute(1, 2, 0, 3)).transpose(1, 2).reshape(B, T, E)
-        return self._layer_output(x, context, w)
-
-    def _attention_input(self, hidden, w):
-        pre = self.spec.layer_norm == "pre"
-        return hidden, (self._layer_norm(hidden, w["ln_attn.weight"], w["ln_attn.bias"]) if pre else hidden)
-
-    def _layer_output(self, x, context, w):
-        pre = self.spec.layer_norm == "pre"
-        x = x + self._linear(context, w, "out_proj")
-        if not pre:
-            x = self._layer_norm(x, w["ln_attn.weight"], w["ln_attn.bias"])
-        h = self._layer_norm(x, w["ln_ffn.weight"], w["ln_ffn.bias"]) if pre else x
-        h = self._linear(h, w, "fc1")
-        h = torch.relu(h) if self.spec.activation == "relu" else torch.nn.functional.gelu(h)
-        x = x + self._linear(h, w, "fc2")
-        if not pre:
-            x = self._layer_norm(x, w["ln_ffn.weight"], w["ln_ffn.bias"])
-        return x
+        context = (probs @ values.permute(1, 2, 0, 3).repeat_interleave(G, 1)).transpose(1, 2).reshape(B, T, -1)
+        return self._layer_output(index, hidden, context)
 
     @torch.no_grad()
     def head(self, hidden) -> np.ndarray:
@@ -296,11 +275,7 @@ class TorchEngine(TorchInflight, Engine):
 
     def _head(self, hidden):
         w = self.head_w
-        x = hidden[:, -1, :]
-        if "final_layer_norm.weight" in w:
-            x = self._layer_norm(x, w["final_layer_norm.weight"], w["final_layer_norm.bias"])
-        if "project_out.weight" in w:
-            x = x @ w["project_out.weight"]
+        x = self.family.torch_head_input(w, self.spec, hidden[:, -1, :], self.dtype)
         return (x @ w["lm_head.weight"].T).float()
 
     # -- static decode steps -------------------------------------------------------------------

@@ -16,45 +16,45 @@ from .base import SlotCache
 
 
 class TorchInflight:
-    """Mixed into ``TorchEngine``: it provides ``layer_w``, ``spec``, ``dtype``, ``device`` and the
-    layer math (``_attention_input``, ``_linear``, ``_layer_output``)."""
+    """Mixed into ``TorchEngine``: it provides ``spec``, ``dtype``, ``device`` and the family's
+    layer math (``_layer_input``, ``_layer_output``)."""
 
     inflight = True
 
     def allocate_slots(self, rows: int, capacity: int) -> SlotCache:
-        shape = (rows, self.spec.num_heads, capacity, self.spec.head_dim)
+        shape = (rows, self.spec.kv_heads, capacity, self.spec.head_dim)
         L = self.spec.num_layers
         return SlotCache([torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(L)],
                          [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(L)], rows, capacity)
 
     @torch.no_grad()
-    def layer_in(self, index: int, hidden):
-        w = self.layer_w[index]
-        _, h = self._attention_input(hidden, w)
-        return self._linear(h, w, "qkv").split(self.spec.hidden_size, dim=-1)
+    def layer_in(self, index: int, hidden, positions: np.ndarray):
+        return self._layer_input(index, hidden, torch.as_tensor(positions, dtype=torch.long, device=self.device))
 
     @torch.no_grad()
     def attend(self, index: int, query, key, value, context, cache: SlotCache, first: int, cached: np.ndarray,
                new: int) -> None:
-        H, D, E = self.spec.num_heads, self.spec.head_dim, self.spec.hidden_size
+        H, Hkv, D = self.spec.num_heads, self.spec.kv_heads, self.spec.head_dim
         if first < 0 or first + len(cached) > cache.rows or int(np.max(cached)) + new > cache.capacity:
             raise BackendError(f"layer {index}: slots {first}..{first + len(cached) - 1} do not fit the slot cache")
         for b, past in enumerate(int(c) for c in cached):
             rows = slice(b * new, (b + 1) * new)
             keys, values = cache.keys[index][first + b], cache.values[index][first + b]   # [H, C, D]
-            keys[:, past:past + new] = key[rows].reshape(new, H, D).transpose(0, 1)
-            values[:, past:past + new] = value[rows].reshape(new, H, D).transpose(0, 1)
+            keys[:, past:past + new] = key[rows].reshape(new, Hkv, D).transpose(0, 1)
+            values[:, past:past + new] = value[rows].reshape(new, Hkv, D).transpose(0, 1)
             q = query[rows].reshape(new, H, D).transpose(0, 1)                          # [H, S, D]
-            scores = (q @ keys[:, :past + new].transpose(1, 2)).float()                 # [H, S, past+S]
+            K = keys[:, :past + new].repeat_interleave(H // Hkv, 0)                     # [H, past+S, D]
+            scores = (q @ K.transpose(1, 2)).float()                                    # [H, S, past+S]
             key_pos = torch.arange(past + new, device=self.device)
             query_pos = torch.arange(past, past + new, device=self.device)
             scores = scores + torch.where(key_pos[None, :] <= query_pos[:, None], 0.0, MASK_VALUE)
             probs = torch.softmax(scores, dim=-1).to(self.dtype)
-            context[rows] = (probs @ values[:, :past + new]).transpose(0, 1).reshape(new, E)
+            V = values[:, :past + new].repeat_interleave(H // Hkv, 0)
+            context[rows] = (probs @ V).transpose(0, 1).reshape(new, H * D)
 
     @torch.no_grad()
     def layer_out(self, index: int, hidden, context):
-        return self._layer_output(hidden, context, self.layer_w[index])
+        return self._layer_output(index, hidden, context)
 
     def take_rows(self, hidden, rows: np.ndarray):
         return hidden[torch.as_tensor(rows, device=self.device)]

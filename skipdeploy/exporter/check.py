@@ -1,8 +1,10 @@
 """Check each exported graph, run by onnxruntime, against the Hugging Face modules it came from.
 
-The reference is transformers' own code (``OPTDecoderLayer.forward`` over the whole sequence with
-eager attention, the embedding and head modules), so the check is independent of how the graphs
-were built. Inputs are random, with a non-empty past and a padded position.
+The reference is transformers' own code (the decoder layer's forward over the whole sequence
+with eager attention, the embedding and head modules, called through the model's family), so the
+check is independent of how the graphs were built. Inputs are random, with a non-empty past, a
+padded position and positions that start at a random offset (RoPE scaling changes past a model's
+original length).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from ..families import for_model_type
 from ..manifest import ModelSpec
 from ..numerics import MASK_VALUE, NUMPY_DTYPES, relative_error
 
@@ -31,8 +34,16 @@ def _error(got: np.ndarray, want: torch.Tensor) -> float:
     return relative_error(got, want.detach().float().numpy())
 
 
+def _run(path: Path, feeds: dict) -> list[np.ndarray]:
+    """Run the graph on the feeds it declares (a RoPE family's embedding takes no positions)."""
+    session = _session(path)
+    names = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feeds.items() if k in names})
+
+
 @torch.no_grad()
-def check_layer(path: Path, layer, spec: ModelSpec, dtype: str, seed: int) -> float:
+def check_layer(path: Path, model, index: int, spec: ModelSpec, dtype: str, seed: int) -> float:
+    family = for_model_type(spec.model_type)
     gen = torch.Generator().manual_seed(seed)
     total = PAST + NEW
     x = torch.randn(BATCH, total, spec.hidden_size, generator=gen)
@@ -41,48 +52,34 @@ def check_layer(path: Path, layer, spec: ModelSpec, dtype: str, seed: int) -> fl
     causal = torch.tril(torch.ones(total, total))
     allowed = causal[None, None] * keep[:, None, None, :]
     mask = (1 - allowed) * torch.finfo(torch.float32).min
-    want = layer(x, attention_mask=mask)
-    want = want[0] if isinstance(want, tuple) else want
-
-    attn = layer.self_attn
-    h = layer.self_attn_layer_norm(x) if spec.layer_norm == "pre" else x
-
-    def heads(t: torch.Tensor) -> torch.Tensor:  # [B,S,E] -> [S,B,H,D]
-        return t.view(BATCH, total, spec.num_heads, spec.head_dim).permute(1, 0, 2, 3)
-
-    keys, values = heads(attn.k_proj(h)), heads(attn.v_proj(h))
+    offset = int(torch.randint(0, max(1, spec.max_positions - total), (1,), generator=gen))
+    positions = (offset + torch.cumsum(keep, 1) - 1).clamp(min=0).long()
+    want = family.hf_layer(model, index, x, mask, positions)
+    keys, values = (t.transpose(0, 1) for t in family.hf_keys_values(model, index, x, positions))  # [S,B,Hkv,D]
     np_dt = NUMPY_DTYPES[dtype]
-    feeds = {"hidden": x[:, PAST:].numpy().astype(np_dt),
-             "past_key": keys[:PAST].numpy().astype(np_dt), "past_value": values[:PAST].numpy().astype(np_dt),
-             "attention_bias": np.where(keep.numpy() > 0, 0.0, MASK_VALUE).astype(np.float32)}
-    hidden, key, value = _session(path).run(None, feeds)
+    hidden, key, value = _run(path, {"hidden": x[:, PAST:].numpy().astype(np_dt), "position_ids": positions[:, PAST:].numpy(),
+                          "past_key": keys[:PAST].numpy().astype(np_dt),
+                          "past_value": values[:PAST].numpy().astype(np_dt),
+                          "attention_bias": np.where(keep.numpy() > 0, 0.0, MASK_VALUE).astype(np.float32)})
     return max(_error(hidden, want[:, PAST:]), _error(key, keys[PAST:]), _error(value, values[PAST:]))
 
 
 @torch.no_grad()
 def check_embed(path: Path, model, spec: ModelSpec, seed: int) -> float:
+    family = for_model_type(spec.model_type)
     gen = torch.Generator().manual_seed(seed)
-    decoder = model.model.decoder
     ids = torch.randint(0, spec.vocab_size, (BATCH, NEW + 1), generator=gen)
     pos = torch.randint(-1, spec.max_positions, (BATCH, NEW + 1), generator=gen)
-    want = decoder.embed_tokens(ids)
-    if decoder.project_in is not None:
-        want = decoder.project_in(want)
-    want = want + decoder.embed_positions(None, 0, position_ids=pos)
-    (got,) = _session(path).run(None, {"input_ids": ids.numpy(), "position_ids": pos.numpy()})
+    want = family.hf_embed(model, ids, pos)
+    (got,) = _run(path, {"input_ids": ids.numpy(), "position_ids": pos.numpy()})
     return _error(got, want)
 
 
 @torch.no_grad()
 def check_head(path: Path, model, spec: ModelSpec, dtype: str, seed: int) -> float:
+    family = for_model_type(spec.model_type)
     gen = torch.Generator().manual_seed(seed)
-    decoder = model.model.decoder
     h = torch.randn(BATCH, spec.hidden_size, generator=gen)
-    want = h
-    if decoder.final_layer_norm is not None:
-        want = decoder.final_layer_norm(want)
-    if decoder.project_out is not None:
-        want = decoder.project_out(want)
-    want = model.lm_head(want)
-    (got,) = _session(path).run(None, {"hidden": h.numpy().astype(NUMPY_DTYPES[dtype])})
+    want = family.hf_head(model, h)
+    (got,) = _run(path, {"hidden": h.numpy().astype(NUMPY_DTYPES[dtype])})
     return _error(got, want)

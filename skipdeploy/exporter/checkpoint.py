@@ -1,4 +1,4 @@
-"""Read a Hugging Face OPT checkpoint: its config as a ModelSpec, and its weights as numpy arrays."""
+"""Read a Hugging Face checkpoint of a supported family: its config, its ModelSpec, the model."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from .. import families
 from ..errors import CheckpointError
 from ..manifest import ModelSpec
-from .graphs import SUPPORTED_ACTIVATIONS, layer_norm_params
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -77,84 +75,22 @@ def fast_tokenizer(source: str | os.PathLike):
 
 
 def model_spec(config: Any, source: str) -> ModelSpec:
-    model_type = getattr(config, "model_type", None)
-    if model_type != "opt":
-        raise CheckpointError(
-            f"{source} is a {model_type!r} checkpoint; skipdeploy exports OPT models (model_type 'opt') only")
-    if config.activation_function not in SUPPORTED_ACTIVATIONS:
-        raise CheckpointError(f"{source} uses activation {config.activation_function!r}; "
-                              f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
-    if config.hidden_size % config.num_attention_heads:
-        raise CheckpointError(f"{source}: hidden_size {config.hidden_size} is not divisible by "
-                              f"num_attention_heads {config.num_attention_heads}")
-
-    def token(name: str) -> int | None:
-        value = getattr(config, name, None)
-        return int(value) if value is not None else None
-
-    return ModelSpec(
-        num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
-        num_heads=config.num_attention_heads, head_dim=config.hidden_size // config.num_attention_heads,
-        ffn_dim=config.ffn_dim, vocab_size=config.vocab_size, max_positions=config.max_position_embeddings,
-        word_embed_proj_dim=config.word_embed_proj_dim,
-        layer_norm="pre" if config.do_layer_norm_before else "post",
-        activation=config.activation_function, bos_token_id=token("bos_token_id"),
-        eos_token_id=token("eos_token_id"), pad_token_id=token("pad_token_id"))
+    return families.for_config(config, source).spec(config, source)
 
 
 def load_model(source: str | os.PathLike) -> tuple[ModelSpec, Any]:
-    """Spec and the float32 ``OPTForCausalLM`` (eager attention: the check reference)."""
+    """Spec and the float32 transformers model (eager attention: the check reference)."""
     import torch
-    from transformers import OPTForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # ours is the one that counts
     config = load_config(source)
-    spec = model_spec(config, str(source))
+    family = families.for_config(config, str(source))
+    spec = family.spec(config, str(source))
     path = Path(str(source)).expanduser()
     try:
-        model = OPTForCausalLM.from_pretrained(str(path) if path.exists() else str(source),
-                                               dtype=torch.float32, attn_implementation="eager")
+        model = family.hf_class().from_pretrained(str(path) if path.exists() else str(source),
+                                                  dtype=torch.float32, attn_implementation="eager")
     except Exception as exc:
         raise CheckpointError(f"cannot load the weights of {source}: {_first_line(exc)}") from None
     return spec, model.eval()
-
-
-def _np(tensor) -> np.ndarray | None:
-    return None if tensor is None else tensor.detach().to("cpu").float().numpy()
-
-
-def layer_weights(layer, spec: ModelSpec) -> dict[str, np.ndarray | None]:
-    """Weights of one ``OPTDecoderLayer`` in the layout ``graphs.build_layer`` documents."""
-    attn = layer.self_attn
-    scaling = np.float32(spec.head_dim ** -0.5)
-    q_w, k_w, v_w = (_np(p.weight).T for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-    w: dict[str, np.ndarray | None] = {"qkv.weight": np.concatenate([q_w * scaling, k_w, v_w], axis=1)}
-    biases = [_np(p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
-    w["qkv.bias"] = None if biases[0] is None else np.concatenate([biases[0] * scaling, biases[1], biases[2]])
-    for key, module in (("out_proj", attn.out_proj), ("fc1", layer.fc1), ("fc2", layer.fc2)):
-        w[f"{key}.weight"] = _np(module.weight).T
-        w[f"{key}.bias"] = _np(module.bias)
-    for key, module in (("ln_attn", layer.self_attn_layer_norm), ("ln_ffn", layer.final_layer_norm)):
-        w[f"{key}.weight"], w[f"{key}.bias"] = layer_norm_params(_np(module.weight), _np(module.bias),
-                                                                 spec.hidden_size)
-    return w
-
-
-def embed_weights(model) -> dict[str, np.ndarray | None]:
-    decoder = model.model.decoder
-    return {"embed_tokens.weight": _np(decoder.embed_tokens.weight),
-            "embed_positions.weight": _np(decoder.embed_positions.weight),
-            "project_in.weight": None if decoder.project_in is None else _np(decoder.project_in.weight).T}
-
-
-def head_weights(model) -> dict[str, np.ndarray | None]:
-    decoder = model.model.decoder
-    ln = decoder.final_layer_norm
-    w: dict[str, np.ndarray | None] = {"lm_head.weight": _np(model.lm_head.weight),
-                                       "project_out.weight": None if decoder.project_out is None
-                                       else _np(decoder.project_out.weight).T}
-    if ln is not None:
-        w["final_layer_norm.weight"], w["final_layer_norm.bias"] = layer_norm_params(
-            _np(ln.weight), _np(ln.bias), ln.normalized_shape[0])
-    return w

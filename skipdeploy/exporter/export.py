@@ -15,8 +15,9 @@ from onnx import external_data_helper
 
 from .. import __version__
 from ..errors import BackendError, CheckpointError, ExportError, SkipDeployError
-from ..manifest import (EMBED_IO, FORMAT_VERSION, HEAD_IO, KV_CONTRACT, KV_LAYOUT, LAYER_IO, Manifest,
-                        describe_file, model_spec_dict, read_manifest, write_manifest)
+from ..families import for_model_type
+from ..manifest import (FORMAT_VERSION, HEAD_IO, KV_CONTRACT, KV_LAYOUT, Manifest, describe_file, model_spec_dict,
+                        read_manifest, write_manifest)
 from ..numerics import GRAPH_TOLERANCE
 from ..schedule import LayerSchedule, Schedule
 from . import check, checkpoint, graphs
@@ -38,7 +39,8 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
            max_length: int | None = None, max_batch: int = 64, force: bool = False, check_graphs: bool = True,
            tensorrt: bool = False, quantize: str | None = None, progress: bool | None = None,
            log: Callable[[str], None] | None = None) -> Manifest:
-    """Export an OPT checkpoint (local directory or hub id) to ``out`` and return its manifest.
+    """Export a checkpoint (OPT, Llama, Mistral or Qwen2; a local directory, a hub id, or
+    ``gguf:FILE``) to ``out`` and return its manifest.
 
     ``out`` appears only when every graph is written, checked against PyTorch and listed with
     its sha256 in ``manifest.json``; an interrupted export leaves at most a hidden temporary
@@ -58,10 +60,14 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
 
     spec, hf_model = checkpoint.load_model(model)
     if max_length is None:
-        max_length = spec.max_positions
+        max_length = min(spec.max_positions, spec.sliding_window or spec.max_positions)
     if not 1 <= max_length <= spec.max_positions:
         raise ExportError(f"max length must be between 1 and the model's {spec.max_positions} positions "
                           f"(got {max_length})")
+    if spec.sliding_window is not None and max_length > spec.sliding_window:
+        raise ExportError(f"the model attends over a sliding window of {spec.sliding_window} positions and the "
+                          f"layers attend over every cached one: export with --max-length {spec.sliding_window} "
+                          f"or less (got {max_length})")
     schedule = _default_schedule(schedule, spec, hf_model)
 
     with staging_directory(out, force=force) as tmp:
@@ -79,7 +85,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
         files = {p.name: describe_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         write_manifest(tmp, {
             "format_version": FORMAT_VERSION,
-            "model_type": "opt",
+            "model_type": spec.model_type,
             "model": model_spec_dict(spec),
             "dtype": dtype,
             "opset": opset,
@@ -87,8 +93,9 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
             "kv_layout": KV_LAYOUT,
             "schedule": schedule.to_dict(),
             "limits": {"max_batch": max_batch, "max_length": max_length},
-            "graphs": {"embed": _graph_entry("embed.onnx", EMBED_IO, data),
-                       "layers": [_graph_entry(_layer_file(i), LAYER_IO, data) for i in range(spec.num_layers)],
+            "graphs": {"embed": _graph_entry("embed.onnx", graphs.embed_io(spec), data),
+                       "layers": [_graph_entry(_layer_file(i), graphs.layer_io(spec), data)
+                                  for i in range(spec.num_layers)],
                        "head": _graph_entry("head.onnx", HEAD_IO, data)},
             "tokenizer": tokenizer,
             "files": files,
@@ -176,6 +183,7 @@ def _write_graphs(tmp: Path, spec, hf_model, dtype: str, opset: int, check_graph
         def tqdm(items, **_):
             return _NoBar(items)
 
+    family = for_model_type(spec.model_type)
     jobs = [("embed", "embed.onnx"), *((i, _layer_file(i)) for i in range(spec.num_layers)), ("head", "head.onnx")]
     errors: dict[str, float] = {}
     bar = tqdm(jobs, desc="export", unit="graph", disable=None if progress is None else not progress,
@@ -184,12 +192,11 @@ def _write_graphs(tmp: Path, spec, hf_model, dtype: str, opset: int, check_graph
         bar.set_postfix_str(filename)
         path = tmp / filename
         if job == "embed":
-            proto, kind = graphs.build_embed(spec, checkpoint.embed_weights(hf_model), dtype, opset), "embed"
+            proto, kind = graphs.build_embed(spec, family.embed_weights(hf_model, spec), dtype, opset), "embed"
         elif job == "head":
-            proto, kind = graphs.build_head(spec, checkpoint.head_weights(hf_model), dtype, opset), "head"
+            proto, kind = graphs.build_head(spec, family.head_weights(hf_model, spec), dtype, opset), "head"
         else:
-            layer = hf_model.model.decoder.layers[job]
-            proto = graphs.build_layer(spec, checkpoint.layer_weights(layer, spec), dtype, opset,
+            proto = graphs.build_layer(spec, family.layer_weights(hf_model, job, spec), dtype, opset,
                                        name=f"layer_{job:02d}")
             kind = "layer"
         frozen = graphs.check_symbolic_dims(proto, kind)
@@ -211,7 +218,7 @@ def _write_graphs(tmp: Path, spec, hf_model, dtype: str, opset: int, check_graph
             elif job == "head":
                 errors[filename] = check.check_head(path, hf_model, spec, dtype, seed)
             else:
-                errors[filename] = check.check_layer(path, hf_model.model.decoder.layers[job], spec, dtype, seed)
+                errors[filename] = check.check_layer(path, hf_model, job, spec, dtype, seed)
     bar.close()
     return errors
 

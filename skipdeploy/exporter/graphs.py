@@ -1,115 +1,66 @@
-"""Build the ONNX graphs (embed, one per decoder layer, head) directly from OPT weights.
+"""Build the ONNX graphs (embed, one per decoder layer, head) directly from a model's weights.
 
 The graphs are written with ``onnx.helper`` instead of tracing the Hugging Face modules: the op
-set of an OPT layer is small, the result is deterministic and fast to produce, every dimension
+set of a decoder layer is small, the result is deterministic and fast to produce, every dimension
 is symbolic by construction, and no transformers release can change what gets traced.
 Weights are numpy arrays in the layouts documented on each builder.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
-from ..manifest import EMBED_IO, HEAD_IO, LAYER_IO, ModelSpec
-from ..numerics import MASK_VALUE, NUMPY_DTYPES  # MASK_VALUE: finite (DESIGN.md section 3)
-
-LN_EPS = 1e-5
-_ONNX_DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
-
-
-@dataclass
-class _Builder:
-    dtype: str
-    nodes: list = field(default_factory=list)
-    initializers: list = field(default_factory=list)
-    counter: int = 0
-
-    def _name(self, op: str) -> str:
-        self.counter += 1
-        return f"{op}_{self.counter}"
-
-    def weight(self, name: str, array: np.ndarray, keep_fp32: bool = False) -> str:
-        dtype = np.float32 if keep_fp32 or array.dtype.kind != "f" else NUMPY_DTYPES[self.dtype]
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=dtype), name))
-        return name
-
-    def const(self, values, dtype=np.int64) -> str:
-        name = self._name("const")
-        self.initializers.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, **attrs) -> str | list[str]:
-        names = outputs if isinstance(outputs, list) else [self._name(op_type) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, inputs, names, name=self._name(f"/{op_type}"), **attrs))
-        return names[0] if len(names) == 1 else names
-
-    def cast(self, x: str, source: str, to: str) -> str:
-        return x if source == to else self.op("Cast", [x], to=_ONNX_DTYPE[to])
-
-    def gemm(self, x: str, weight: str, bias: str | None) -> str:
-        """x [N, in] @ weight [in, out] (+ bias) as one Gemm node."""
-        return self.op("Gemm", [x, weight, bias] if bias else [x, weight])
-
-    def layer_norm(self, x: str, scale: str, bias: str) -> str:
-        # Normalization statistics in fp32 even in fp16 graphs.
-        y = self.op("LayerNormalization", [self.cast(x, self.dtype, "float32"), scale, bias], axis=-1,
-                    epsilon=LN_EPS)
-        return self.cast(y, "float32", self.dtype)
-
-    def model(self, name: str, inputs: list, outputs: list, opset: int,
-              domains: dict[str, int] | None = None) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, name, inputs, outputs, self.initializers)
-        imports = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in (domains or {}).items()]
-        model = helper.make_model(graph, opset_imports=imports, producer_name="skipdeploy")
-        model.ir_version = min(model.ir_version, 10)
-        return model
+from ..families import for_model_type
+from ..manifest import EMBED_IO, HEAD_IO, LAYER_IO, ROPE_EMBED_IO, ROPE_LAYER_IO, ModelSpec
+from ..numerics import MASK_VALUE  # finite (DESIGN.md section 3)
+from .onnx_builder import ONNX_DTYPE, Builder, value_info, weights_of
 
 
-def _value(name: str, dtype: int, dims: list) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, dtype, dims)
+def layer_io(spec: ModelSpec) -> dict:
+    return ROPE_LAYER_IO if for_model_type(spec.model_type).rope else LAYER_IO
 
 
-def layer_norm_params(weight: np.ndarray | None, bias: np.ndarray | None, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """LayerNorm without elementwise affine is LayerNorm with scale 1 and bias 0."""
-    return (np.ones(size, np.float32) if weight is None else weight,
-            np.zeros(size, np.float32) if bias is None else bias)
+def embed_io(spec: ModelSpec) -> dict:
+    return ROPE_EMBED_IO if for_model_type(spec.model_type).rope else EMBED_IO
 
 
 def build_layer(spec: ModelSpec, w: dict[str, np.ndarray | None], dtype: str, opset: int,
                 name: str = "layer") -> onnx.ModelProto:
-    """One OPT decoder layer with an external, sequence-major KV cache.
+    """One decoder layer with an external, sequence-major KV cache of the key/value heads.
 
-    Weights (``w``): ``ln_attn.{weight,bias}``, ``ln_ffn.{weight,bias}`` [E];
-    ``qkv.weight`` [E, 3E] with the 1/sqrt(D) query scaling folded in, ``qkv.bias`` [3E];
-    ``out_proj.weight`` [E, E]; ``fc1.weight`` [E, F]; ``fc2.weight`` [F, E] (all [in, out]),
-    and their biases (absent when the model has none).
-
-    Written for decode speed with standard ONNX ops only (so that every backend can run it):
-    attention scores the cached prefix and the new positions separately, so the cache is never
-    concatenated (that was an O(P) copy of keys and values per layer and step) and only the
-    small [T, T] block of the new positions needs a causal mask; the projections work on
-    [B*T, E] rows as one ``Gemm`` each, bias included (onnxruntime also fuses Gemm + Relu):
-    1-3% faster per decode step than MatMul + Add on [B, T, E] (BENCHMARKS.md).
+    The family writes the parts before and after attention on rows [B*T, E] (``layer_input``,
+    ``layer_output``: norms, projections as one ``Gemm`` each with bias, RoPE, MLP); the
+    attention between them is written here, for every family, with standard ONNX ops only (so
+    that every backend can run it). It scores the cached prefix and the new positions
+    separately, so the cache is never concatenated (an O(P) copy per layer and step) and only
+    the [T, T] block of the new positions needs a causal mask. Grouped-query attention puts the
+    G = H / Hkv query heads that share a key/value head side by side ([B, Hkv, G*T, D]), so the
+    cache is read once per key/value head.
     """
-    E, H, D = spec.hidden_size, spec.num_heads, spec.head_dim
-    b = _Builder(dtype)
-    dt = _ONNX_DTYPE[dtype]
-    W = _weights_of(b, w)
+    family = for_model_type(spec.model_type)
+    E, H, Hkv, D = spec.hidden_size, spec.num_heads, spec.kv_heads, spec.head_dim
+    G = H // Hkv
+    b = Builder(dtype, opset)
+    dt = ONNX_DTYPE[dtype]
+    W = weights_of(b, w, family.FP32_PREFIXES)
 
     x = b.op("Reshape", ["hidden", b.const([-1, E])])                                 # [B*T, E]
-    q, k, v = layer_input(b, spec, W, x)
-    heads = b.op("Concat", [b.op("Shape", ["hidden"], start=0, end=2), b.const([H, D])], axis=0)  # B,T,H,D
-    q = b.op("Transpose", [b.op("Reshape", [q, heads])], perm=[0, 2, 1, 3])          # [B,H,T,D]
-    k, v = b.op("Reshape", [k, heads]), b.op("Reshape", [v, heads])                   # [B,T,H,D]
-    b.op("Transpose", [k], ["key"], perm=[1, 0, 2, 3])                                # [T,B,H,D]
+    positions = b.op("Reshape", ["position_ids", b.const([-1])]) if family.rope else None
+    q, k, v = family.layer_input(b, spec, W, x, positions)
+    batch_new = b.op("Shape", ["hidden"], start=0, end=2)
+    q = b.op("Transpose", [b.op("Reshape", [q, b.op("Concat", [batch_new, b.const([H, D])], axis=0)])],
+             perm=[0, 2, 1, 3])                                                       # [B,H,T,D]
+    kv_heads = b.op("Concat", [batch_new, b.const([Hkv, D])], axis=0)
+    k, v = b.op("Reshape", [k, kv_heads]), b.op("Reshape", [v, kv_heads])            # [B,T,Hkv,D]
+    b.op("Transpose", [k], ["key"], perm=[1, 0, 2, 3])                                # [T,B,Hkv,D]
     b.op("Transpose", [v], ["value"], perm=[1, 0, 2, 3])
+    if G > 1:
+        q = b.op("Reshape", [q, b.const([0, Hkv, -1, D])])                            # [B,Hkv,G*T,D]
 
-    # Scores against the cached prefix [B,H,T,P] and the new positions [B,H,T,T]. Every cached
-    # position precedes every query, so the causal mask applies to the new block only.
+    # Scores against the cached prefix and the new positions. Every cached position precedes
+    # every query, so the causal mask applies to the new block only.
     past_scores = b.op("MatMul", [q, b.op("Transpose", ["past_key"], perm=[1, 2, 3, 0])])
     new_scores = b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 2, 3, 1])])
     new = b.op("Shape", ["hidden"], start=1, end=2)
@@ -117,116 +68,64 @@ def build_layer(spec: ModelSpec, w: dict[str, np.ndarray | None], dtype: str, op
     future = b.op("Greater", [b.op("Unsqueeze", [steps, b.const([0])]),               # key after query
                               b.op("Unsqueeze", [steps, b.const([1])])])
     causal = b.op("Where", [future, b.const(MASK_VALUE, np.float32), b.const(0.0, np.float32)])  # [T,T]
-    scores = b.op("Concat", [b.cast(past_scores, dtype, "float32"),
-                             b.op("Add", [b.cast(new_scores, dtype, "float32"), causal])], axis=-1)
+    new_scores = b.cast(new_scores, dtype, "float32")
+    if G > 1:  # [B,Hkv,G,T,T]: the causal block is per query position, whatever its head
+        new_scores = b.op("Reshape", [new_scores, b.op("Concat", [b.const([0, Hkv, G]), new, new], axis=0)])
+        new_scores = b.op("Reshape", [b.op("Add", [new_scores, causal]),
+                                      b.op("Concat", [b.const([0, Hkv, -1]), new], axis=0)])
+    else:
+        new_scores = b.op("Add", [new_scores, causal])
+    scores = b.op("Concat", [b.cast(past_scores, dtype, "float32"), new_scores], axis=-1)
     padding = b.op("Unsqueeze", ["attention_bias", b.const([1, 2])])                 # [B,1,1,P+T]
     probs = b.cast(b.op("Softmax", [b.op("Add", [scores, padding])], axis=-1), "float32", dtype)
     past = b.op("Shape", ["past_key"], start=0, end=1)
     past_probs = b.op("Slice", [probs, b.const([0]), past, b.const([3])])
     new_probs = b.op("Slice", [probs, past, b.const([np.iinfo(np.int64).max]), b.const([3])])
     context = b.op("Add", [b.op("MatMul", [past_probs, b.op("Transpose", ["past_value"], perm=[1, 2, 0, 3])]),
-                           b.op("MatMul", [new_probs, b.op("Transpose", [v], perm=[0, 2, 1, 3])])])  # [B,H,T,D]
-    context = b.op("Reshape", [b.op("Transpose", [context], perm=[0, 2, 1, 3]), b.const([-1, E])])
-    x = layer_output(b, spec, W, x, context)
+                           b.op("MatMul", [new_probs, b.op("Transpose", [v], perm=[0, 2, 1, 3])])])
+    if G > 1:
+        context = b.op("Reshape", [context, b.const([0, H, -1, D])])                 # [B,H,T,D]
+    context = b.op("Reshape", [b.op("Transpose", [context], perm=[0, 2, 1, 3]), b.const([-1, H * D])])
+    x = family.layer_output(b, spec, W, x, context)
     b.op("Reshape", [x, b.op("Shape", ["hidden"])], ["hidden_out"])
 
-    inputs = [_value("hidden", dt, ["batch", "new_tokens", E]),
-              _value("past_key", dt, ["past_tokens", "batch", H, D]),
-              _value("past_value", dt, ["past_tokens", "batch", H, D]),
-              _value("attention_bias", TensorProto.FLOAT, ["batch", "total_tokens"])]
-    outputs = [_value("hidden_out", dt, ["batch", "new_tokens", E]),
-               _value("key", dt, ["new_tokens", "batch", H, D]),
-               _value("value", dt, ["new_tokens", "batch", H, D])]
-    assert [i.name for i in inputs] == LAYER_IO["inputs"] and [o.name for o in outputs] == LAYER_IO["outputs"]
-    return b.model(name, inputs, outputs, opset)
-
-
-def _weights_of(b: _Builder, w: dict[str, np.ndarray | None]):
-    """``W(key)``: the initializer name of weight ``key`` (None when the model has none);
-    LayerNorm parameters stay float32."""
-    def W(key: str) -> str | None:
-        return None if w.get(key) is None else b.weight(key, w[key], keep_fp32=key.startswith("ln_"))
-    return W
-
-
-def layer_input(b: _Builder, spec: ModelSpec, W, x: str) -> list[str]:
-    """The part of a layer before attention, on rows x [N, E]: query, key, value [N, E] each
-    (LayerNorm first in pre-LN models; the query scaling is folded into ``qkv.weight``)."""
-    E = spec.hidden_size
-    h = b.layer_norm(x, W("ln_attn.weight"), W("ln_attn.bias")) if spec.layer_norm == "pre" else x
-    qkv = b.gemm(h, W("qkv.weight"), W("qkv.bias"))
-    return b.op("Split", [qkv, b.const([E, E, E])], 3, axis=1)
-
-
-def layer_output(b: _Builder, spec: ModelSpec, W, x: str, context: str) -> str:
-    """The part of a layer after attention, on rows: the residual x [N, E] and the attention
-    context [N, E] through out_proj, the feed-forward block and the LayerNorms -> [N, E]."""
-    pre = spec.layer_norm == "pre"
-    x = b.op("Add", [x, b.gemm(context, W("out_proj.weight"), W("out_proj.bias"))])
-    if not pre:
-        x = b.layer_norm(x, W("ln_attn.weight"), W("ln_attn.bias"))
-    h = b.layer_norm(x, W("ln_ffn.weight"), W("ln_ffn.bias")) if pre else x
-    h = _activation(b, b.gemm(h, W("fc1.weight"), W("fc1.bias")), spec.activation)
-    x = b.op("Add", [x, b.gemm(h, W("fc2.weight"), W("fc2.bias"))])
-    if not pre:
-        x = b.layer_norm(x, W("ln_ffn.weight"), W("ln_ffn.bias"))
-    return x
-
-
-def _activation(b: _Builder, x: str, kind: str) -> str:
-    if kind == "relu":
-        return b.op("Relu", [x])
-    if kind == "gelu":  # exact (erf) GELU, as torch.nn.functional.gelu
-        erf = b.op("Erf", [b.op("Mul", [x, b.const(1 / np.sqrt(2), NUMPY_DTYPES[b.dtype])])])
-        half = b.op("Mul", [x, b.const(0.5, NUMPY_DTYPES[b.dtype])])
-        return b.op("Mul", [half, b.op("Add", [erf, b.const(1.0, NUMPY_DTYPES[b.dtype])])])
-    raise ValueError(f"unsupported activation {kind!r}")
-
-
-SUPPORTED_ACTIVATIONS = ("relu", "gelu")
+    inputs = {"hidden": value_info("hidden", dt, ["batch", "new_tokens", E]),
+              "position_ids": value_info("position_ids", TensorProto.INT64, ["batch", "new_tokens"]),
+              "past_key": value_info("past_key", dt, ["past_tokens", "batch", Hkv, D]),
+              "past_value": value_info("past_value", dt, ["past_tokens", "batch", Hkv, D]),
+              "attention_bias": value_info("attention_bias", TensorProto.FLOAT, ["batch", "total_tokens"])}
+    outputs = [value_info("hidden_out", dt, ["batch", "new_tokens", E]),
+               value_info("key", dt, ["new_tokens", "batch", Hkv, D]),
+               value_info("value", dt, ["new_tokens", "batch", Hkv, D])]
+    io = layer_io(spec)
+    return b.model(name, [inputs[n] for n in io["inputs"]], outputs, opset)
 
 
 def build_embed(spec: ModelSpec, w: dict[str, np.ndarray | None], dtype: str, opset: int) -> onnx.ModelProto:
-    """Token + learned position embeddings (OPT's offset of 2), with ``project_in`` when present.
-
-    Weights: ``embed_tokens.weight`` [V, Ew], ``embed_positions.weight`` [max_positions + 2, E],
-    ``project_in.weight`` [Ew, E] or None.
-    """
-    b = _Builder(dtype)
-    tokens = b.op("Gather", [b.weight("embed_tokens.weight", w["embed_tokens.weight"]), "input_ids"])
-    if w.get("project_in.weight") is not None:
-        tokens = b.op("MatMul", [tokens, b.weight("project_in.weight", w["project_in.weight"])])
-    positions = b.op("Add", ["position_ids", b.const(2)])
-    positions = b.op("Gather", [b.weight("embed_positions.weight", w["embed_positions.weight"]), positions])
-    b.op("Add", [tokens, positions], ["hidden"])
-    dt = _ONNX_DTYPE[dtype]
-    inputs = [_value("input_ids", TensorProto.INT64, ["batch", "new_tokens"]),
-              _value("position_ids", TensorProto.INT64, ["batch", "new_tokens"])]
-    outputs = [_value("hidden", dt, ["batch", "new_tokens", spec.hidden_size])]
-    assert [i.name for i in inputs] == EMBED_IO["inputs"]
-    return b.model("embed", inputs, outputs, opset)
+    """Token embeddings, plus what the family adds before the first layer (OPT: learned
+    positions with an offset of 2 and ``project_in``). Weights: ``embed_tokens.weight`` [V, Ew], ..."""
+    family = for_model_type(spec.model_type)
+    b = Builder(dtype, opset)
+    b.op("Identity", [family.embed_graph(b, spec, weights_of(b, w, family.FP32_PREFIXES))], ["hidden"])
+    inputs = {"input_ids": value_info("input_ids", TensorProto.INT64, ["batch", "new_tokens"]),
+              "position_ids": value_info("position_ids", TensorProto.INT64, ["batch", "new_tokens"])}
+    outputs = [value_info("hidden", ONNX_DTYPE[dtype], ["batch", "new_tokens", spec.hidden_size])]
+    return b.model("embed", [inputs[n] for n in embed_io(spec)["inputs"]], outputs, opset)
 
 
 def build_head(spec: ModelSpec, w: dict[str, np.ndarray | None], dtype: str, opset: int) -> onnx.ModelProto:
-    """Final LayerNorm (pre-LN models), ``project_out`` when present, and the LM head.
+    """The family's final norm (and OPT's ``project_out``), then the LM head.
 
-    Runs on the last position only. Weights: ``final_layer_norm.{weight,bias}`` [E] or None,
-    ``project_out.weight`` [E, Ew] or None, ``lm_head.weight`` [V, Ew] (the embedding layout, so
-    a tied head can share it). Logits are float32 whatever the graph dtype.
+    Runs on the last position only. ``lm_head.weight`` is [V, Ew] (the embedding layout, so a
+    tied head can share it). Logits are float32 whatever the graph dtype.
     """
-    b = _Builder(dtype)
-    x = "hidden"
-    if w.get("final_layer_norm.weight") is not None or w.get("final_layer_norm.bias") is not None:
-        scale, bias = layer_norm_params(w.get("final_layer_norm.weight"), w.get("final_layer_norm.bias"),
-                                        spec.hidden_size)
-        x = b.layer_norm(x, b.weight("final_layer_norm.weight", scale, True),
-                         b.weight("final_layer_norm.bias", bias, True))
-    if w.get("project_out.weight") is not None:
-        x = b.op("MatMul", [x, b.weight("project_out.weight", w["project_out.weight"])])
+    family = for_model_type(spec.model_type)
+    b = Builder(dtype, opset)
+    x = family.head_input(b, spec, weights_of(b, w, family.FP32_PREFIXES), "hidden")
     logits = b.op("Gemm", [x, b.weight("lm_head.weight", w["lm_head.weight"])], transB=1)
     b.op("Identity", [b.cast(logits, dtype, "float32")], ["logits"])
-    inputs = [_value("hidden", _ONNX_DTYPE[dtype], ["batch", spec.hidden_size])]
-    outputs = [_value("logits", TensorProto.FLOAT, ["batch", spec.vocab_size])]
+    inputs = [value_info("hidden", ONNX_DTYPE[dtype], ["batch", spec.hidden_size])]
+    outputs = [value_info("logits", TensorProto.FLOAT, ["batch", spec.vocab_size])]
     assert [i.name for i in inputs] == HEAD_IO["inputs"]
     return b.model("head", inputs, outputs, opset)
 
@@ -234,7 +133,7 @@ def build_head(spec: ModelSpec, w: dict[str, np.ndarray | None], dtype: str, ops
 SYMBOLIC_DIMS = {
     "embed": {"input_ids": ["batch", "new_tokens"], "position_ids": ["batch", "new_tokens"],
               "hidden": ["batch", "new_tokens", None]},
-    "layer": {"hidden": ["batch", "new_tokens", None], "past_key": ["past_tokens", "batch", None, None],
+    "layer": {"hidden": ["batch", "new_tokens", None], "position_ids": ["batch", "new_tokens"], "past_key": ["past_tokens", "batch", None, None],
               "past_value": ["past_tokens", "batch", None, None], "attention_bias": ["batch", "total_tokens"],
               "hidden_out": ["batch", "new_tokens", None], "key": ["new_tokens", "batch", None, None],
               "value": ["new_tokens", "batch", None, None]},

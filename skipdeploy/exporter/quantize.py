@@ -145,11 +145,13 @@ def _graph_error(manifest: Manifest, name: str, reference: Path, quantized: Path
     if name == manifest.graphs["head"]["file"]:
         feeds = {"hidden": rng.standard_normal((B, spec.hidden_size)).astype(np.float32)}
     else:
-        shape = (P, B, spec.num_heads, spec.head_dim)
+        shape = (P, B, spec.kv_heads, spec.head_dim)
         feeds = {"hidden": rng.standard_normal((B, T, spec.hidden_size)).astype(np.float32),
                  "past_key": rng.standard_normal(shape).astype(np.float32),
                  "past_value": rng.standard_normal(shape).astype(np.float32),
                  "attention_bias": np.zeros((B, P + T), np.float32)}
+        if manifest.layers_take_positions:
+            feeds["position_ids"] = np.arange(P, P + T, dtype=np.int64)[None].repeat(B, 0)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -4,17 +4,18 @@ A decode iteration of the in-flight engine runs every layer on the rows that nee
 rows sit at different lengths in their own cache slots. The weight-heavy parts of a layer run on
 all of its rows at once; the attention runs over each row's own keys:
 
-- ``layer_in`` (per layer): ``hidden`` [N, E] -> ``query``, ``key``, ``value`` [N, E];
+- ``layer_in`` (per layer): ``hidden`` [N, E] (and ``position_ids`` [N] for RoPE families) ->
+  ``query`` [N, H*D], ``key``, ``value`` [N, Hkv*D];
 - ``slot_attention`` (one graph, no weights): onnxruntime's ``GroupQueryAttention`` over a slot
-  cache ``past_key``/``past_value`` [B, H, C, D] (BNSH: each row's slot is contiguous, so any run
+  cache ``past_key``/``past_value`` [B, Hkv, C, D] (BNSH: each row's slot is contiguous, so any run
   of consecutive slots binds in place) with ``seqlens_k`` [B] (cached + new positions - 1 per
   row) and ``total_sequence_length``; it writes the new keys and values into the same buffer
-  (``present_*`` bound to the past's memory) and returns ``context`` [B, S, E];
-- ``layer_out`` (per layer): ``hidden`` [N, E] (the residual) and ``context`` [N, E] ->
+  (``present_*`` bound to the past's memory) and returns ``context`` [B, S, H*D];
+- ``layer_out`` (per layer): ``hidden`` [N, E] (the residual) and ``context`` [N, H*D] ->
   ``hidden_out`` [N, E].
 
 They are built in memory from the weights of an export's layer graphs (the same math as
-``graphs.build_layer``, which composes the same ``layer_input`` and ``layer_output``), so every
+``graphs.build_layer``: the family's same ``layer_input`` and ``layer_output``), so every
 float export serves in-flight without re-exporting.
 """
 
@@ -27,54 +28,65 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from ..errors import BackendError
+from ..families import for_model_type
 from ..manifest import ModelSpec
-from .graphs import _ONNX_DTYPE, _Builder, _value, _weights_of, layer_input, layer_output
-
-LAYER_WEIGHTS = ("ln_attn.weight", "ln_attn.bias", "qkv.weight", "qkv.bias", "out_proj.weight", "out_proj.bias",
-                 "ln_ffn.weight", "ln_ffn.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+from .onnx_builder import ONNX_DTYPE, Builder, value_info, weights_of
 
 
-def read_layer_weights(path: str | Path) -> dict[str, np.ndarray | None]:
-    """The named weights of an exported layer graph (``graphs.build_layer``'s initializers)."""
+def read_layer_weights(path: str | Path, spec: ModelSpec) -> dict[str, np.ndarray | None]:
+    """The named weights of an exported layer graph (its family's ``LAYER_WEIGHTS``)."""
+    family = for_model_type(spec.model_type)
     model = onnx.load(str(path))
-    found = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer if init.name in LAYER_WEIGHTS}
-    if "qkv.weight" not in found or "fc1.weight" not in found:
+    found = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer
+             if init.name in family.LAYER_WEIGHTS}
+    if any(name not in found for name in family.REQUIRED_WEIGHTS):
         raise BackendError(f"{path} holds no float layer weights (an int8 export?): in-flight batching runs "
                            "float32 exports; serve the float32 export it was quantized from")
-    return {name: found.get(name) for name in LAYER_WEIGHTS}
+    return {name: found.get(name) for name in family.LAYER_WEIGHTS}
 
 
 def build_layer_in(spec: ModelSpec, w: dict, dtype: str, opset: int) -> onnx.ModelProto:
-    b = _Builder(dtype)
-    q, k, v = layer_input(b, spec, _weights_of(b, w), "hidden")
+    family = for_model_type(spec.model_type)
+    b = Builder(dtype, opset)
+    q, k, v = family.layer_input(b, spec, weights_of(b, w, family.FP32_PREFIXES), "hidden",
+                                 "position_ids" if family.rope else None)
     for name, out in (("query", q), ("key", k), ("value", v)):
         b.op("Identity", [out], [name])
-    dt, E = _ONNX_DTYPE[dtype], spec.hidden_size
-    return b.model("layer_in", [_value("hidden", dt, ["rows", E])],
-                   [_value(n, dt, ["rows", E]) for n in ("query", "key", "value")], opset)
+    dt, E = ONNX_DTYPE[dtype], spec.hidden_size
+    inputs = [value_info("hidden", dt, ["rows", E])]
+    if family.rope:
+        inputs.append(value_info("position_ids", TensorProto.INT64, ["rows"]))
+    return b.model("layer_in", inputs, [value_info("query", dt, ["rows", spec.attention_dim]),
+                                        value_info("key", dt, ["rows", spec.kv_dim]),
+                                        value_info("value", dt, ["rows", spec.kv_dim])], opset)
 
 
 def build_layer_out(spec: ModelSpec, w: dict, dtype: str, opset: int) -> onnx.ModelProto:
-    b = _Builder(dtype)
-    b.op("Identity", [layer_output(b, spec, _weights_of(b, w), "hidden", "context")], ["hidden_out"])
-    dt, E = _ONNX_DTYPE[dtype], spec.hidden_size
-    return b.model("layer_out", [_value("hidden", dt, ["rows", E]), _value("context", dt, ["rows", E])],
-                   [_value("hidden_out", dt, ["rows", E])], opset)
+    family = for_model_type(spec.model_type)
+    b = Builder(dtype, opset)
+    b.op("Identity", [family.layer_output(b, spec, weights_of(b, w, family.FP32_PREFIXES), "hidden", "context")],
+         ["hidden_out"])
+    dt, E = ONNX_DTYPE[dtype], spec.hidden_size
+    return b.model("layer_out", [value_info("hidden", dt, ["rows", E]),
+                                 value_info("context", dt, ["rows", spec.attention_dim])],
+                   [value_info("hidden_out", dt, ["rows", E])], opset)
 
 
 def build_slot_attention(spec: ModelSpec, dtype: str, opset: int) -> onnx.ModelProto:
     """Causal attention of S new positions per row over its slot (scale 1: the query scaling is
-    folded into the layer's ``qkv.weight``)."""
-    b = _Builder(dtype)
-    H, D, E = spec.num_heads, spec.head_dim, spec.hidden_size
+    folded into the layer's ``qkv.weight``; RoPE was applied by ``layer_in``)."""
+    b = Builder(dtype, opset)
+    H, Hkv, D = spec.num_heads, spec.kv_heads, spec.head_dim
     b.nodes.append(onnx.helper.make_node(
         "GroupQueryAttention", ["query", "key", "value", "past_key", "past_value", "seqlens_k",
                                 "total_sequence_length"], ["context", "present_key", "present_value"],
-        domain="com.microsoft", num_heads=H, kv_num_heads=H, scale=1.0, name="attention"))
-    dt = _ONNX_DTYPE[dtype]
-    rows = [_value(n, dt, ["batch", "new_tokens", E]) for n in ("query", "key", "value")]
-    cache = [_value(n, dt, ["batch", H, "capacity", D]) for n in ("past_key", "past_value")]
-    lengths = [_value("seqlens_k", TensorProto.INT32, ["batch"]), _value("total_sequence_length", TensorProto.INT32, [])]
-    outputs = [_value("context", dt, ["batch", "new_tokens", E]),
-               *[_value(n, dt, ["batch", H, "capacity", D]) for n in ("present_key", "present_value")]]
+        domain="com.microsoft", num_heads=H, kv_num_heads=Hkv, scale=1.0, name="attention"))
+    dt = ONNX_DTYPE[dtype]
+    rows = [value_info("query", dt, ["batch", "new_tokens", H * D]),
+            *[value_info(n, dt, ["batch", "new_tokens", Hkv * D]) for n in ("key", "value")]]
+    cache = [value_info(n, dt, ["batch", Hkv, "capacity", D]) for n in ("past_key", "past_value")]
+    lengths = [value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+               value_info("total_sequence_length", TensorProto.INT32, [])]
+    outputs = [value_info("context", dt, ["batch", "new_tokens", H * D]),
+               *[value_info(n, dt, ["batch", Hkv, "capacity", D]) for n in ("present_key", "present_value")]]
     return b.model("slot_attention", rows + cache + lengths, outputs, opset, domains={"com.microsoft": 1})

@@ -222,15 +222,15 @@ class Generator:
         engine = self.engine
         hidden = engine.embed(ids, positions)
         for layer in layers:
-            hidden = self._run_layer(layer, hidden, past, bias)
+            hidden = self._run_layer(layer, hidden, past, bias, positions)
         logits = engine.head(hidden)
         if not np.isfinite(logits).all():
             self._locate_non_finite(ids, positions, layers, past, bias)
         return logits
 
-    def _run_layer(self, layer: int, hidden, past: int, bias: np.ndarray):
+    def _run_layer(self, layer: int, hidden, past: int, bias: np.ndarray, positions: np.ndarray):
         check_cached(layer, self.valid[layer], past)
-        hidden = self.engine.layer(layer, hidden, self.cache, past, bias)
+        hidden = self.engine.layer(layer, hidden, self.cache, past, bias, positions)
         self.valid[layer] = bias.shape[1]  # past + new positions
         return hidden
 
@@ -246,7 +246,7 @@ class Generator:
             where = "the LM head"
             for layer in layers:
                 self.valid[layer] = past
-                hidden = self._run_layer(layer, hidden, past, bias)
+                hidden = self._run_layer(layer, hidden, past, bias, positions)
                 if not np.isfinite(engine.to_numpy(hidden)).all():
                     where = f"decoder layer {layer}"
                     break

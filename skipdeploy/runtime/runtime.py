@@ -109,7 +109,7 @@ class Runtime:
     # -- memory ----------------------------------------------------------------------------
     def allocate_cache(self, capacities: list[int], batch: int) -> KVCache:
         """A new cache from the engine, refused up front when it does not fit."""
-        need = cache_bytes(capacities, batch, self.spec.num_heads, self.spec.head_dim, itemsize(self.manifest.dtype))
+        need = cache_bytes(capacities, batch, self.spec.kv_heads, self.spec.head_dim, itemsize(self.manifest.dtype))
         available = self.engine.available_memory()
         if self.memory_limit is not None:
             available = min(self.memory_limit, available) if available is not None else self.memory_limit

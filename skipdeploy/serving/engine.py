@@ -84,7 +84,7 @@ class ServingEngine:
         self.align_steps, self.prefill_first = align_steps, prefill_first
         self._prompts_only = False  # whether the last iteration held the decoding rows back
         self.iterations = 0
-        self.slot_bytes = 2 * self.spec.num_layers * self.max_length * self.spec.hidden_size * \
+        self.slot_bytes = 2 * self.spec.num_layers * self.max_length * self.spec.kv_dim * \
             itemsize(self.manifest.dtype)
         need, free = self.slot_bytes * max_batch, self.engine.available_memory()
         if memory_limit is not None:

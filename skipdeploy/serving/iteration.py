@@ -92,7 +92,7 @@ def run(engine: Engine, cache: SlotCache, parts: list[_Part]) -> tuple[np.ndarra
         layer_rows += rows.size
         index = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in rows])
         x = engine.take_rows(hidden, index)
-        query, key, value = engine.layer_in(layer, x)
+        query, key, value = engine.layer_in(layer, x, positions[0, index])
         context = engine.empty_like(query)
         _attend(engine, cache, layer, [parts[i] for i in rows], query, key, value, context)
         engine.put_rows(hidden, index, engine.layer_out(layer, x, context))

@@ -1,4 +1,5 @@
-"""``skipdeploy finetune``: train an OPT checkpoint with SkipDecode schedules in the forward pass.
+"""``skipdeploy finetune``: train a checkpoint (any supported family) with SkipDecode schedules in the
+forward pass.
 
 Each step draws a batch of chunks, one context length ``c`` in ``[seq_len/8, seq_len/2]`` and
 one schedule (when several are given), all from ``numpy.random.default_rng([seed, step])``: the
@@ -91,10 +92,10 @@ def finetune(cfg: FinetuneConfig, *, progress: bool | None = None, log: Callable
     """
     import torch
     from tqdm.auto import tqdm
-    from transformers import OPTForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from ..exporter.checkpoint import load_config, model_spec
+    from ..exporter.checkpoint import load_config
+    from ..families import for_config
     from .forward import schedule_forward
 
     hf_logging.disable_progress_bar()
@@ -126,13 +127,14 @@ def finetune(cfg: FinetuneConfig, *, progress: bool | None = None, log: Callable
 
     source = str(out) if state is not None else str(cfg.model)
     config = load_config(source)
-    spec = model_spec(config, source)
+    family = for_config(config, source)
+    spec = family.spec(config, source)
     for s in schedules:
         if s.num_layers != spec.num_layers:
             raise InputError(f"a schedule is for {s.num_layers} layers, the model has {spec.num_layers}")
     if cfg.seq_len > spec.max_positions:
         raise InputError(f"--seq-len {cfg.seq_len} exceeds the model's {spec.max_positions} positions")
-    model = OPTForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa")
+    model = family.hf_class().from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa")
     tokenizer_dir = Path(str(cfg.model)).expanduser()
     tokenizer = data_mod.load_tokenizer(out) if state is not None else _source_tokenizer(cfg.model)
     bos = spec.bos_token_id if spec.bos_token_id is not None else 2

@@ -9,8 +9,8 @@ ran ``l``: the keys and values the runtime has cached for it) and later position
 unchanged. The logits at position ``c - 1`` are the prefill's (they predict generated token 0),
 and those at ``c + j`` are decode step ``j``'s: exactly the runtime's per-step logits.
 
-The modules are the Hugging Face ``OPTDecoderLayer`` objects themselves, so what is trained is
-the Hugging Face model, and ``save_pretrained`` writes it.
+The modules are the Hugging Face decoder layers themselves (called through the model's family),
+so what is trained is the Hugging Face model, and ``save_pretrained`` writes it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ScheduleError
+from ..families import for_config
 from ..schedule import LayerSchedule
 
 
@@ -49,31 +50,25 @@ def _causal(n: int, dtype, device) -> torch.Tensor:
 
 
 def schedule_forward(model, input_ids: torch.Tensor, context_length: int, schedule: LayerSchedule) -> torch.Tensor:
-    """Logits ``[B, S, V]`` of ``OPTForCausalLM`` ``model`` with the schedule applied per position.
+    """Logits ``[B, S, V]`` of a transformers causal LM of a supported family with the schedule
+    applied per position.
 
     ``input_ids`` ``[B, S]`` are unpadded; positions ``< context_length`` are the prompt.
     """
-    decoder = model.model.decoder
+    family = for_config(model.config, type(model).__name__)
+    layers = family.hf_layers(model)
     B, S = input_ids.shape
-    if schedule.num_layers != len(decoder.layers):
-        raise ScheduleError(f"the schedule is for {schedule.num_layers} layers, the model has {len(decoder.layers)}")
+    if schedule.num_layers != len(layers):
+        raise ScheduleError(f"the schedule is for {schedule.num_layers} layers, the model has {len(layers)}")
     extents = layer_extents(schedule, context_length, S)
-    embeds = decoder.embed_tokens(input_ids)
-    if decoder.project_in is not None:
-        embeds = decoder.project_in(embeds)
     positions = torch.arange(S, device=input_ids.device).expand(B, S)
-    ones = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
-    hidden = embeds + decoder.embed_positions(ones, 0, position_ids=positions)
+    hidden = family.hf_embed(model, input_ids, positions)
     # sdpa with no mask is causal (is_causal); other attention implementations get an explicit mask.
     sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
-    for layer, n in zip(decoder.layers, extents):
+    for index, n in enumerate(extents):
         if n == 0:
             continue
         mask = None if sdpa else _causal(n, hidden.dtype, hidden.device)
-        ran = layer(hidden[:, :n], attention_mask=mask)
+        ran = family.hf_layer(model, index, hidden[:, :n], mask, positions[:, :n])
         hidden = ran if n == S else torch.cat([ran, hidden[:, n:]], dim=1)
-    if decoder.final_layer_norm is not None:
-        hidden = decoder.final_layer_norm(hidden)
-    if decoder.project_out is not None:
-        hidden = decoder.project_out(hidden)
-    return model.lm_head(hidden)
+    return family.hf_head(model, hidden)
