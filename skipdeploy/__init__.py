@@ -1,4 +1,4 @@
-"""skipdeploy: deploy SkipDecode OPT models as per-layer ONNX graphs with a small runtime."""
+"""skipdeploy: deploy SkipDecode models (OPT and the Llama family) as per-layer ONNX graphs with a small runtime."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .serving import QueueFullError, ServingEngine
 
 
 def export(model, out, **kwargs):
-    """Export an OPT checkpoint to an export directory (see ``skipdeploy.exporter.export.export``)."""
+    """Export a checkpoint to an export directory (see ``skipdeploy.exporter.export.export``)."""
     try:
         from .exporter.export import export as _export
     except ImportError as exc:

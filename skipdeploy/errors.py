@@ -14,7 +14,7 @@ class ManifestError(SkipDeployError):
 
 
 class CheckpointError(SkipDeployError):
-    """A model checkpoint cannot be read or is not an OPT model."""
+    """A model checkpoint cannot be read or is not of a supported family."""
 
 
 class ExportError(SkipDeployError):

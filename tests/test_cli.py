@@ -149,13 +149,14 @@ def test_generate_errors(exports):
 
 
 @pytest.mark.slow
-def test_non_opt_checkpoint_from_the_real_entry_point(tmp_path):
+def test_unsupported_checkpoint_from_the_real_entry_point(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
     proc = run_process("export", tmp_path / "gpt2", "--out", tmp_path / "out")
     assert proc.returncode == 1
-    assert "is a 'gpt2' checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert "is a GPT2LMHeadModel checkpoint; skipdeploy exports OPTForCausalLM" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -41,7 +41,7 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="skipdeploy")
 def main() -> None:
-    """Deploy SkipDecode OPT models: per-layer ONNX graphs plus a small batched runtime.
+    """Deploy SkipDecode models (OPT, Llama, Mistral, Qwen2): per-layer ONNX graphs plus a small batched runtime.
 
     \b
     Start here (offline, about a minute):

@@ -1,4 +1,4 @@
-"""``skipdeploy export``: an OPT checkpoint to per-layer ONNX graphs and a manifest."""
+"""``skipdeploy export``: a checkpoint to per-layer ONNX graphs and a manifest."""
 
 from __future__ import annotations
 
@@ -29,7 +29,10 @@ from .options import format_size, pop_schedule_options, schedule_from, schedule_
 @click.option("--no-check", is_flag=True, help="Skip the per-graph check against PyTorch.")
 def command(model: str, out: Path, dtype: str, opset: int, max_length: int | None, max_batch: int,
             tensorrt: bool, quantize: str | None, force: bool, no_check: bool, **kwargs) -> None:
-    """Export an OPT checkpoint (local directory or hub id) to per-layer ONNX graphs and a manifest.
+    """Export a checkpoint to per-layer ONNX graphs and a manifest.
+
+    MODEL is a local checkpoint directory or a hub id of an OPT, Llama (2, 3.x, TinyLlama,
+    SmolLM2), Mistral or Qwen2 model.
 
     Each graph is checked against the PyTorch model on random inputs right after it is written;
     the directory appears only when everything is written and verified. Schedule options set the

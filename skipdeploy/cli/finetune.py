@@ -1,4 +1,4 @@
-"""``skipdeploy finetune``: train an OPT checkpoint with SkipDecode schedules."""
+"""``skipdeploy finetune``: train a checkpoint with SkipDecode schedules."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def command(model: str, data: tuple[str, ...], out: Path, target_speedup: str | 
                      warmup_layers, decay_tokens, prompt_layers, full: bool, steps: int, lr: float,
                      warmup_steps: int, batch_size: int, seq_len: int, seed: int, save_every: int,
                      force: bool) -> None:
-    """Fine-tune an OPT checkpoint with SkipDecode schedules applied as decoding applies them.
+    """Fine-tune a checkpoint (OPT, Llama, Mistral, Qwen2) with SkipDecode schedules applied as decoding applies them.
 
     Each batch gets a context length c in [seq_len/8, seq_len/2]: positions before c run the
     prompt layers, the position holding generated token j runs the layers of step j (teacher
