@@ -1,6 +1,10 @@
-"""Write a randomly initialised OPT checkpoint with real OPT shapes (for benchmarks; no download).
+"""Write a randomly initialised checkpoint with a real model's shape (for benchmarks; no download).
 
-    python tools/make_random_opt.py --shape opt-125m --out /tmp/opt-125m-random
+Shapes cover OPT (opt-125m, opt-350m, opt-1.3b), Llama (smollm2-135m, smollm2-360m, tinyllama-1.1b,
+llama-3.2-1b) and Qwen2 (qwen2.5-0.5b), plus the tiny test shapes; see skipdeploy/random_checkpoint.py.
+
+    python tools/make_random_checkpoint.py --shape opt-125m --out /tmp/opt-125m-random
+    python tools/make_random_checkpoint.py --shape smollm2-135m --out /tmp/smollm2-135m-random
 """
 
 import argparse
@@ -15,4 +19,5 @@ parser.add_argument("--weight-scale", type=float, default=1.0,
                     help="Multiply 2-D weights (wider logit margins for token comparisons).")
 args = parser.parse_args()
 path = make_checkpoint(args.out, args.shape, seed=args.seed, weight_scale=args.weight_scale)
-print(f"wrote a random {args.shape}-shaped OPT checkpoint to {path}")
+family = SHAPES[args.shape].get("family", "opt")
+print(f"wrote a random {args.shape}-shaped {family} checkpoint to {path}")

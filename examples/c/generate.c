@@ -25,9 +25,11 @@ static int print_token(int64_t token, void *user)
     return 0;        /* non-zero would stop the generation */
 }
 
-static int fail(const char *what, sd_status status)
+/* The message belongs to the thread's last sd_* call: print it before sd_free. */
+static int fail(const char *what, sd_status status, sd_runtime *rt)
 {
     fprintf(stderr, "generate: %s failed: %s: %s\n", what, sd_status_name(status), sd_last_error());
+    sd_free(rt);
     return 1;
 }
 
@@ -62,15 +64,13 @@ int main(int argc, char **argv)
     sd_runtime *rt = NULL;
     sd_status status = sd_load(argv[1], options, &rt);
     if (status != SD_OK)
-        return fail("sd_load", status);
+        return fail("sd_load", status, NULL);
 
     int64_t tokens[256];
     size_t n = 0;
     status = sd_generate(rt, prompt, prompt_len, params, tokens, sizeof tokens / sizeof tokens[0], &n);
-    if (status != SD_OK) {
-        sd_free(rt);
-        return fail("sd_generate", status);
-    }
+    if (status != SD_OK)
+        return fail("sd_generate", status, rt);
     printf("tokens: ");
     for (size_t i = 0; i < n; i++)
         printf("%s%lld", i ? "," : "", (long long)tokens[i]);
@@ -80,10 +80,8 @@ int main(int argc, char **argv)
     printf("stream: ");
     status = sd_generate_stream(rt, prompt, prompt_len, params, print_token, &count);
     printf("\n");
-    if (status != SD_OK) {
-        sd_free(rt);
-        return fail("sd_generate_stream", status);
-    }
+    if (status != SD_OK)
+        return fail("sd_generate_stream", status, rt);
     sd_free(rt);  /* stops the engine's thread: do it before the process exits */
     return 0;
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import families
 from ..errors import CheckpointError
@@ -20,14 +20,23 @@ def _looks_local(source: str) -> bool:
     return not _HUB_ID.match(source)
 
 
+def local_source(source: str | os.PathLike, log: Callable[[str], None] | None = None) -> str:
+    """``source`` as transformers reads it: ``gguf:FILE`` (or ``gguf:smollm2``) becomes the
+    checkpoint directory converted from that file (once, then cached; ``skipdeploy.gguf``)."""
+    from ..gguf import resolve_source
+
+    return resolve_source(str(source), log=log)
+
+
 def load_config(source: str | os.PathLike) -> Any:
-    """The transformers config of ``source`` (a local directory or a hub id), or a clear error."""
+    """The transformers config of ``source`` (a local directory, a hub id or ``gguf:FILE``), or a
+    clear error."""
     import logging
 
     from transformers import AutoConfig
 
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # offline retries are not the user's news
-    source = str(source)
+    source = local_source(source)
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -84,6 +93,7 @@ def load_model(source: str | os.PathLike) -> tuple[ModelSpec, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # ours is the one that counts
+    source = local_source(source)
     config = load_config(source)
     family = families.for_config(config, str(source))
     spec = family.spec(config, str(source))

@@ -58,6 +58,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
     if out.exists() and not force:  # early, before the slow load; checked again under the lock
         raise ExportError(f"{out} already exists; pass --force (force=True) to replace it")
 
+    model = checkpoint.local_source(model, log)  # gguf:FILE -> its converted checkpoint
     spec, hf_model = checkpoint.load_model(model)
     if max_length is None:
         max_length = min(spec.max_positions, spec.sliding_window or spec.max_positions)

@@ -94,7 +94,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool | None = None, log: Callable
     from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
-    from ..exporter.checkpoint import load_config
+    from ..exporter.checkpoint import load_config, local_source
     from ..families import for_config
     from .forward import schedule_forward
 
@@ -125,7 +125,8 @@ def finetune(cfg: FinetuneConfig, *, progress: bool | None = None, log: Callable
     elif out.exists() and any(out.iterdir()) and not force:
         raise SkipDeployError(f"{out} exists and holds no resumable fine-tune; use another --out, or --force")
 
-    source = str(out) if state is not None else str(cfg.model)
+    model_dir = local_source(cfg.model, log)  # gguf:FILE -> its converted checkpoint
+    source = str(out) if state is not None else model_dir
     config = load_config(source)
     family = for_config(config, source)
     spec = family.spec(config, source)
@@ -135,8 +136,8 @@ def finetune(cfg: FinetuneConfig, *, progress: bool | None = None, log: Callable
     if cfg.seq_len > spec.max_positions:
         raise InputError(f"--seq-len {cfg.seq_len} exceeds the model's {spec.max_positions} positions")
     model = family.hf_class().from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa")
-    tokenizer_dir = Path(str(cfg.model)).expanduser()
-    tokenizer = data_mod.load_tokenizer(out) if state is not None else _source_tokenizer(cfg.model)
+    tokenizer_dir = Path(model_dir).expanduser()
+    tokenizer = data_mod.load_tokenizer(out) if state is not None else _source_tokenizer(model_dir)
     bos = spec.bos_token_id if spec.bos_token_id is not None else 2
     t0 = time.perf_counter()
     train = data_mod.load_chunks(cfg.data, tokenizer, cfg.seq_len, bos)
