@@ -182,25 +182,13 @@ class Bench:
         raise SkipDeployError(f"unknown contender {name!r}")
 
     def hf_model(self):
-        from skipdeploy.bench.peers import checkpoint_config
+        from skipdeploy.bench.runners import load_hf
 
-        checkpoint = self.checkpoint()
-        if checkpoint_config(checkpoint).get("model_type") == "opt":
-            from skipdeploy.bench.runners import load_hf
-
-            reasons: list[str] = []
-            model = load_hf(str(checkpoint), None, self.threads, reasons.append)
-            if model is None:
-                raise SkipDeployError(reasons[-1] if reasons else "cannot load the checkpoint")
-            return model
-        import torch
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-        torch.set_num_threads(self.threads)
-        return AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+        reasons: list[str] = []
+        model = load_hf(str(self.checkpoint()), None, self.threads, reasons.append)
+        if model is None:
+            raise SkipDeployError(reasons[-1] if reasons else "cannot load the checkpoint")
+        return model
 
 
 CANNOT_RUN = Exception  # whatever stops a contender from being built: it is skipped with the reason

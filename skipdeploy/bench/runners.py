@@ -100,7 +100,7 @@ def load_hf(checkpoint: str | None, manifest: Manifest, threads: int, log: Calla
         return None
     try:
         import torch
-        from transformers import OPTForCausalLM
+        from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
     except ImportError:
         log("Hugging Face baseline skipped: transformers/torch are not installed")
@@ -112,7 +112,7 @@ def load_hf(checkpoint: str | None, manifest: Manifest, threads: int, log: Calla
     hf_logging.set_verbosity_error()
     torch.set_num_threads(threads)
     try:
-        return OPTForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
     except Exception as exc:  # a missing or unreachable checkpoint must not end the benchmark
         log(f"Hugging Face baseline skipped: cannot load {source} ({str(exc).splitlines()[0] if str(exc) else exc})")
         return None

@@ -140,13 +140,26 @@ class Llama(Family):
         H, Hkv, D = spec.num_heads, spec.kv_heads, spec.head_dim
         h = b.rms_norm(x, W("ln_attn.weight"), spec.norm_eps)
         qkv = b.gemm(h, W("qkv.weight"), W("qkv.bias"))
-        q, k, v = b.op("Split", [qkv, b.const([H * D, Hkv * D, Hkv * D])], 3, axis=1)
-        # cos/sin [N, 1, D/2] of each row's position, in float32 as transformers computes them.
-        angles = b.op("Mul", [b.op("Unsqueeze", [b.op("Cast", [positions], to=1), b.const([1])]), W("rope.inv_freq")])
-        angles = b.op("Unsqueeze", [angles, b.const([1])])
+        qk, v = b.op("Split", [qkv, b.const([(H + Hkv) * D, Hkv * D])], 2, axis=1)
+        # Queries and keys rotate together, by transformers' rotate-half: x*cos + rotate_half(x)*sin
+        # with cos/sin of [inv_freq, inv_freq] x position in float32 as transformers computes them,
+        # and rotate_half(x) = cat(-x2, x1) as one MatMul by a signed permutation (exact: one
+        # nonzero product per output). A decode step runs every layer's graph, so few small
+        # operators matter more here than a few flops.
+        inv_freq = W("rope.inv_freq")
+        freqs = b.op("Concat", [inv_freq, inv_freq], axis=0)                                          # [D]
+        angles = b.op("Mul", [b.op("Unsqueeze", [b.op("Cast", [positions], to=1), b.const([1, 2])]), freqs])  # [N,1,D]
         cos = b.cast(b.op("Cos", [angles]), "float32", b.dtype)
         sin = b.cast(b.op("Sin", [angles]), "float32", b.dtype)
-        return [_rotate(b, q, cos, sin, H, D), _rotate(b, k, cos, sin, Hkv, D), v]
+        half = np.zeros((D, D), np.float32)
+        half[np.arange(D // 2) + D // 2, np.arange(D // 2)] = -1.0   # output i < D/2 takes -x[i + D/2]
+        half[np.arange(D // 2), np.arange(D // 2) + D // 2] = 1.0    # output i >= D/2 takes x[i - D/2]
+        heads = b.op("Reshape", [qk, b.const([-1, H + Hkv, D])])
+        turned = b.op("MatMul", [heads, b.weight("rope.rotate_half", half)])
+        rotated = b.op("Add", [b.op("Mul", [heads, cos]), b.op("Mul", [turned, sin])])
+        q, k = b.op("Split", [b.op("Reshape", [rotated, b.const([-1, (H + Hkv) * D])]),
+                              b.const([H * D, Hkv * D])], 2, axis=1)
+        return [q, k, v]
 
     def layer_output(self, b, spec, W, x, context):
         x = b.op("Add", [x, b.gemm(context, W("out_proj.weight"), W("out_proj.bias"))])
@@ -214,15 +227,6 @@ class Llama(Family):
 
     def hf_head(self, model, hidden):
         return model.lm_head(model.model.norm(hidden))
-
-
-def _rotate(b, x: str, cos: str, sin: str, heads: int, D: int) -> str:
-    """RoPE on rows x [N, heads*D] (transformers' rotate-half convention)."""
-    x = b.op("Reshape", [x, b.const([-1, heads, D])])
-    x1, x2 = b.op("Split", [x, b.const([D // 2, D // 2])], 2, axis=2)
-    first = b.op("Sub", [b.op("Mul", [x1, cos]), b.op("Mul", [x2, sin])])
-    second = b.op("Add", [b.op("Mul", [x2, cos]), b.op("Mul", [x1, sin])])
-    return b.op("Reshape", [b.op("Concat", [first, second], axis=2), b.const([-1, heads * D])])
 
 
 def _torch_rotate(x, cos, sin, heads: int, D: int):
