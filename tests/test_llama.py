@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from .conftest import comparable_prefix, run_cli
+from .conftest import comparable_prefix, hf_generate, run_cli
 
 torch = pytest.importorskip("torch")
 
@@ -47,23 +47,11 @@ def llama_models(llama_checkpoints):
             for f, p in llama_checkpoints.items()}
 
 
-def _hf_generate(model, prompts, new):
-    """transformers' greedy generate on a left-padded batch: new tokens per row and logits per step."""
-    B, Tp = len(prompts), max(map(len, prompts))
-    pad = model.config.eos_token_id
-    ids, mask = torch.full((B, Tp), pad), torch.zeros(B, Tp, dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, Tp - len(p):], mask[r, Tp - len(p):] = torch.tensor(p), 1
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             pad_token_id=pad, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
-    return out.sequences[:, Tp:].tolist(), [s.float().numpy() for s in out.logits]
-
-
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_schedule_reproduces_transformers_generate(llama_exports, llama_models, family, backend):
-    want_tokens, want_logits = _hf_generate(llama_models[family], PROMPTS, NEW)
+    with torch.no_grad():  # padding with EOS (Llama has no pad token); EOS never stops a row here
+        want_tokens, want_logits = hf_generate(llama_models[family], PROMPTS, NEW, pad_token_id=2, eos_token_id=None)
     got = skipdeploy.load(llama_exports[family], backend=backend).generate(PROMPTS, NEW, output_logits=True,
                                                                           eos_token_id=None)
     for step, (g, w) in enumerate(zip(got.logits, want_logits)):
@@ -235,3 +223,16 @@ def test_finetune_loss_falls_and_eval_reports(tmp_path, llama_checkpoints):
     assert ev.exit_code == 0, ev.output
     results = json.loads(ev.output)["results"]
     assert [r["target_speedup"] for r in results] == [1, 2] and all(r["perplexity"] > 1 for r in results)
+
+
+@pytest.mark.slow
+def test_bench_runs_a_llama_export_with_its_cost_model_and_hf(llama_exports):
+    out = run_cli("bench", str(llama_exports["tiny-llama"]), "--batch-sizes", "1", "--prompt-length", "3",
+                  "--max-new-tokens", "4", "--repeats", "1", "--warmup", "0", "--threads", "1", "--no-bandwidth",
+                  "--no-memory", "--target-speedup", "2", "--json")
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert [r["contender"] for r in data["rows"]] == ["full", "skip 2x", "hf generate"]  # HF loads the Llama
+    E, A, K, F, V = 64, 4 * 16, 2 * 16, 128, 512  # q/out over 4 heads, k/v over 2; gate, up and down
+    assert data["cost_model"]["layer"] == 2 * E * A + 2 * E * K + 3 * E * F and data["cost_model"]["head"] == E * V
+    assert data["rows"][2]["ms_per_token"]["median"] > 0 and data["errors"] == []
