@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .errors import InputError
+
 ASSET = Path(__file__).resolve().parent / "assets" / "stdlib-opt"
 DEFAULT_PROMPT = "class Stack:\n    def __init__(self):\n        self."
 # The model is small and briefly trained: plain greedy decoding loops; a mild penalty keeps it moving.
@@ -38,6 +40,14 @@ def run_demo(workdir: Path | None, prompt: str | None, max_new_tokens: int | Non
     from .runtime import load
     from .schedule import Schedule
 
+    # Given values are checked, never replaced by a default (a falsy 0 or "" is a mistake to report).
+    if prompt is not None and not prompt.strip():
+        raise InputError("--prompt is empty; give some text to complete")
+    if max_new_tokens is not None and max_new_tokens < 2:
+        raise InputError(f"--max-new-tokens must be at least 2: the speedup is measured over decode steps "
+                         f"(got {max_new_tokens})")
+    if target_speedup is not None and not target_speedup > 1:
+        raise InputError(f"--target-speedup must be above 1 (got {target_speedup:g})")
     workdir = workdir or Path(tempfile.mkdtemp(prefix="skipdeploy-demo-"))
     checkpoint = None if random else bundled_model()
     if checkpoint is not None:

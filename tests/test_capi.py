@@ -225,6 +225,11 @@ def test_c_example_matches_python_under_env_i(capi, exports, python_tokens, tmp_
     export = exports["tiny"]
     out = run_empty_env(work / "generate", export, *PROMPT).stdout.splitlines()
     assert _ids(out[0]) == _ids(out[1]) == python_tokens["greedy"]
+    # README's form: the ids as the CLI's --input-ids takes them
+    out = run_empty_env(work / "generate", export, ",".join(map(str, PROMPT))).stdout.splitlines()
+    assert _ids(out[0]) == python_tokens["greedy"]
+    bad = subprocess.run([str(work / "generate"), str(export), "2,,3"], env={}, capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a token id" in bad.stderr
     out = run_empty_env(work / "generate", export, "--params", json.dumps({**SCHEDULED, "max_new_tokens": 12}),
                         *PROMPT).stdout.splitlines()
     assert _ids(out[0]) == _ids(out[1]) == python_tokens["scheduled"]

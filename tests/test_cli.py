@@ -182,3 +182,25 @@ def test_verify_fails_on_a_perturbed_graph(exports, checkpoints, tmp_path):
     result = run("verify", copy, "--model", checkpoints["tiny"])
     assert result.exit_code == 1
     assert "verification failed beyond tolerance: layer_01.onnx" in result.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["demo", "--max-new-tokens", "1"], "--max-new-tokens must be at least 2"),
+    (["demo", "--target-speedup", "0"], "--target-speedup must be above 1"),
+    (["demo", "--prompt", ""], "--prompt is empty"),
+])
+def test_demo_refuses_values_it_used_to_replace_or_crash_on(args, words):
+    out = run(*args)
+    assert out.exit_code == 1 and words in out.output and "Traceback" not in out.output
+
+
+def test_bench_checks_its_output_paths_before_measuring(exports, tmp_path):
+    for option in ("--output", "--plot"):
+        out = run("bench", exports["tiny"], option, str(tmp_path / "missing" / "b.json"))
+        assert out.exit_code == 1 and f"{option} " in out.output and "does not exist" in out.output
+        assert "ms/token" not in out.output  # refused before any measurement
+
+
+def test_eval_seq_len_below_two_names_itself(exports):
+    out = run("eval", exports["tiny"], "--data", "stdlib:heldout", "--seq-len", "0")
+    assert out.exit_code == 1 and "--seq-len must be at least 2" in out.output

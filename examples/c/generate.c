@@ -2,6 +2,7 @@
  *
  *   generate EXPORT_DIR [--params JSON] [--options JSON] [TOKEN_ID ...]
  *
+ * Token ids are separate arguments ("2 100 200") or comma-separated ("2,100,200").
  * Prints the generated ids twice, comma-separated: once from sd_generate, once as
  * sd_generate_stream delivers them:
  *
@@ -40,7 +41,8 @@ int main(int argc, char **argv)
     size_t prompt_len = 0;
 
     if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0) {
-        fprintf(stderr, "usage: %s EXPORT_DIR [--params JSON] [--options JSON] [TOKEN_ID ...]\n", argv[0]);
+        fprintf(stderr, "usage: %s EXPORT_DIR [--params JSON] [--options JSON] [TOKEN_ID ... | ID,ID,...]\n",
+                argv[0]);
         return 2;
     }
     for (int i = 2; i < argc; i++) {
@@ -48,12 +50,24 @@ int main(int argc, char **argv)
             params = argv[++i];
         } else if (strcmp(argv[i], "--options") == 0 && i + 1 < argc) {
             options = argv[++i];
-        } else if (prompt_len < sizeof prompt / sizeof prompt[0]) {
-            char *end;
-            prompt[prompt_len++] = strtoll(argv[i], &end, 10);
-            if (*end != '\0') {
-                fprintf(stderr, "generate: %s is not a token id\n", argv[i]);
-                return 2;
+        } else {
+            /* "2 100 200" or "2,100,200" (the skipdeploy CLI's --input-ids form), or both mixed */
+            const char *p = argv[i];
+            for (;;) {
+                char *end;
+                if (prompt_len == sizeof prompt / sizeof prompt[0]) {
+                    fprintf(stderr, "generate: at most %zu prompt tokens\n", prompt_len);
+                    return 2;
+                }
+                long long id = strtoll(p, &end, 10);
+                if (end == p || (*end != '\0' && *end != ',')) {
+                    fprintf(stderr, "generate: %s is not a token id or a comma-separated list of them\n", argv[i]);
+                    return 2;
+                }
+                prompt[prompt_len++] = id;
+                if (*end == '\0')
+                    break;
+                p = end + 1;
             }
         }
     }

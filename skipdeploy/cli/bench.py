@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..bench import BenchError, format_table, plot, run_bench
+from ..errors import InputError
 from .options import AliasedOption, comma_list, json_option, max_new_tokens_option
 
 
@@ -65,6 +66,9 @@ def command(directory: Path, batch_sizes: str, target_speedup: str, prompt_lengt
           --quantize int8 --output bench.json --plot bench.png
     """
     targets = comma_list(target_speedup, "--target-speedup") if target_speedup.strip() else []
+    for option, path in (("--output", output), ("--plot", plot_path)):  # before minutes of measuring
+        if path is not None and not path.expanduser().resolve().parent.is_dir():
+            raise InputError(f"{option} {path}: the directory {path.expanduser().resolve().parent} does not exist")
     failure = None
     try:
         results = run_bench(directory, batch_sizes=comma_list(batch_sizes, "--batch-sizes", int),

@@ -71,6 +71,8 @@ def _evaluate_export(directory: Path, *, data, speedups, seq_len, context, decay
     L = spec.num_layers
     if manifest.tokenizer_path is None:
         raise InputError(f"{directory} has no tokenizer: evaluation on text needs one")
+    if seq_len < 2:
+        raise InputError(f"--seq-len must be at least 2: a context token and a scored one (got {seq_len})")
     if seq_len > min(spec.max_positions, manifest.limits.get("max_length") or spec.max_positions):
         raise InputError(f"--seq-len {seq_len} exceeds the model's {spec.max_positions} positions")
     context = context or seq_len // 2
