@@ -204,3 +204,19 @@ def test_bench_checks_its_output_paths_before_measuring(exports, tmp_path):
 def test_eval_seq_len_below_two_names_itself(exports):
     out = run("eval", exports["tiny"], "--data", "stdlib:heldout", "--seq-len", "0")
     assert out.exit_code == 1 and "--seq-len must be at least 2" in out.output
+
+
+def test_empty_items_in_a_comma_list_are_refused(exports):
+    out = run("generate", exports["tiny"], "--input-ids", "2,,3")
+    assert out.exit_code == 1 and "--input-ids has an empty item" in out.output
+
+
+def test_stop_strings_without_a_tokenizer_name_the_stop_option(checkpoints, tmp_path):
+    import skipdeploy
+
+    export = skipdeploy.export(checkpoints["tiny"], tmp_path / "sd", progress=False, log=lambda m: None).directory
+    manifest = json.loads((export / "manifest.json").read_text())
+    manifest["tokenizer"] = None  # what an export of a checkpoint without a tokenizer records
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    out = run("generate", export, "--input-ids", "2,100", "--stop", "\\n\\n")
+    assert out.exit_code == 1 and "stop strings need the model's tokenizer" in out.output

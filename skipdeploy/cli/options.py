@@ -45,8 +45,11 @@ def comma_list(value: str | None, option: str, kind: Callable = float, allow_emp
     """``"1,2, 3"`` -> ``[1, 2, 3]`` (``kind`` each), or one clear line naming ``option``."""
     if value is None:
         return None
+    parts = value.replace(" ", "").split(",") if value.strip() else []
+    if "" in parts:
+        raise SkipDeployError(f"{option} has an empty item in {value!r}; separate values with single commas")
     try:
-        items = [kind(x) for x in value.replace(" ", "").split(",") if x != ""]
+        items = [kind(x) for x in parts]
     except ValueError:
         noun = "integers" if kind is int else "numbers"
         raise SkipDeployError(f"{option} takes comma-separated {noun} (got {value!r})") from None

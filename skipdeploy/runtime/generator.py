@@ -95,7 +95,10 @@ class Generator:
         self.config = config = request_config(config, max_new_tokens, knobs, spec.vocab_size)
         self.runtime, self.engine = runtime, runtime.engine
         if config.stop_strings:
-            runtime.tokenizer  # noqa: B018 - stop strings need text: fail now, not mid-generation
+            if runtime.manifest.tokenizer_path is None:  # stop strings need text: fail now, not mid-generation
+                raise InputError(f"stop strings need the model's tokenizer and the export "
+                                 f"{runtime.manifest.directory} has none: stop on token ids instead "
+                                 "(stop_token_ids, --stop-token-id)")
         self.schedule = schedule = check_schedule(schedule or manifest.schedule, spec.num_layers)
         self.rows = rows = prompt_rows(input_ids, spec.vocab_size)
         B, N, Tp = len(rows), config.max_new_tokens, max(len(r) for r in rows)
