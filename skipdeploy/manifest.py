@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -115,12 +116,12 @@ class Manifest:
         within the model's positions."""
         return min(self.limits.get("max_length", self.model.max_positions), self.model.max_positions)
 
-    @property
+    @cached_property  # asked at every layer call
     def layers_take_positions(self) -> bool:
         """Whether the layer graphs take ``position_ids`` (RoPE families)."""
         return "position_ids" in self.graphs["layers"][0].get("inputs", []) if self.graphs.get("layers") else False
 
-    @property
+    @cached_property
     def embed_takes_positions(self) -> bool:
         return "position_ids" in self.graphs["embed"].get("inputs", EMBED_IO["inputs"])
 

@@ -31,7 +31,7 @@ def cost_model(spec: ModelSpec) -> dict[str, int]:
 
     E, F, V, W = spec.hidden_size, spec.ffn_dim, spec.vocab_size, spec.word_embed_proj_dim
     A, K = spec.attention_dim, spec.kv_dim
-    mlp = 3 if for_model_type(spec.model_type).rope else 2  # SwiGLU: gate, up, down
+    mlp = for_model_type(spec.model_type).MLP_MATRICES
     return {"embed": E * W if W != E else 0, "layer": 2 * E * A + 2 * E * K + mlp * E * F,
             "attention_per_key": 2 * A, "head": W * V + (E * W if W != E else 0)}
 

@@ -205,7 +205,7 @@ class OnnxRuntimeEngine(Engine):
         out = self._buffer(("hidden", which, B, T), (B, T, E), self.dtype)
         io = self._layer_io[index]
         io.input("hidden", self.dtype, [B, T, E], hidden.ctypes.data)
-        if positions is not None and self.manifest.layers_take_positions:
+        if self.manifest.layers_take_positions:  # then Engine.layer has checked them
             io.input("position_ids", np.int64, [B, T], positions.ctypes.data)
         io.input("past_key", self.dtype, [past, B, H, D], keys.ctypes.data)
         io.input("past_value", self.dtype, [past, B, H, D], values.ctypes.data)

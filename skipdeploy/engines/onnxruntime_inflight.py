@@ -31,6 +31,10 @@ class InflightOnnxRuntimeEngine(OnnxRuntimeEngine):
             raise BackendError(f"in-flight batching on onnxruntime runs float32 exports; {manifest.directory} is "
                                f"{(manifest.quantization or {}).get('weights') or manifest.dtype}")
         super().__init__(manifest, threads=threads)
+        spec = self.spec
+        # Row widths of layer_in's outputs and of the attention's inputs and output.
+        self._widths = {"query": spec.attention_dim, "key": spec.kv_dim, "value": spec.kv_dim,
+                        "context": spec.attention_dim}
 
     def _load_layers(self, session, threads: int | None) -> list:
         spec, manifest, opset = self.spec, self.manifest, self.manifest.opset
@@ -63,8 +67,8 @@ class InflightOnnxRuntimeEngine(OnnxRuntimeEngine):
     def layer_in(self, index: int, hidden: np.ndarray, positions: np.ndarray):
         hidden = np.ascontiguousarray(hidden, self.dtype)
         N, E = hidden.shape
-        widths = {"query": self.spec.attention_dim, "key": self.spec.kv_dim, "value": self.spec.kv_dim}
-        outs = {name: self._buffer((name, N), (N, width), self.dtype) for name, width in widths.items()}
+        outs = {name: self._buffer((name, N), (N, self._widths[name]), self.dtype)
+                for name in ("query", "key", "value")}
         io = self._in_io[index]
         io.input("hidden", self.dtype, [N, E], hidden.ctypes.data)
         if self.manifest.layers_take_positions:
@@ -84,8 +88,7 @@ class InflightOnnxRuntimeEngine(OnnxRuntimeEngine):
         if first < 0 or first + B > cache.rows or int(np.max(cached)) + new > C:
             raise BackendError(f"layer {index}: slots {first}..{first + B - 1} with {int(np.max(cached)) + new} "
                                f"positions do not fit the slot cache ({cache.rows} rows of {C})")
-        widths = {"query": self.spec.attention_dim, "key": self.spec.kv_dim, "value": self.spec.kv_dim,
-                  "context": self.spec.attention_dim}
+        widths = self._widths
         for (name, width), rows in zip(widths.items(), (query, key, value, context)):
             if rows.shape != (B * new, width) or not rows.flags.c_contiguous:
                 raise BackendError(f"layer {index}: attention {name} rows must be a contiguous [{B * new}, {width}] "

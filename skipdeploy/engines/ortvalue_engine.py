@@ -182,7 +182,7 @@ class OrtValueEngine(Engine):
         dev, i = self.device, self.device_id
         io = self._layer_io[index]
         io.bind_input("hidden", dev, i, self.dtype, [B, T, E], hidden.ptr)
-        if positions is not None and self.manifest.layers_take_positions:  # from the host, as the embedding's
+        if self.manifest.layers_take_positions:  # from the host, as the embedding's
             io.bind_input("position_ids", "cpu", 0, np.int64, [B, T], positions.ctypes.data)
         io.bind_input("past_key", dev, i, self.dtype, [P, B, H, D], keys)
         io.bind_input("past_value", dev, i, self.dtype, [P, B, H, D], values)

@@ -57,10 +57,10 @@ def check_layer(path: Path, model, index: int, spec: ModelSpec, dtype: str, seed
     want = family.hf_layer(model, index, x, mask, positions)
     keys, values = (t.transpose(0, 1) for t in family.hf_keys_values(model, index, x, positions))  # [S,B,Hkv,D]
     np_dt = NUMPY_DTYPES[dtype]
-    hidden, key, value = _run(path, {"hidden": x[:, PAST:].numpy().astype(np_dt), "position_ids": positions[:, PAST:].numpy(),
-                          "past_key": keys[:PAST].numpy().astype(np_dt),
-                          "past_value": values[:PAST].numpy().astype(np_dt),
-                          "attention_bias": np.where(keep.numpy() > 0, 0.0, MASK_VALUE).astype(np.float32)})
+    hidden, key, value = _run(path, {
+        "hidden": x[:, PAST:].numpy().astype(np_dt), "position_ids": positions[:, PAST:].numpy(),
+        "past_key": keys[:PAST].numpy().astype(np_dt), "past_value": values[:PAST].numpy().astype(np_dt),
+        "attention_bias": np.where(keep.numpy() > 0, 0.0, MASK_VALUE).astype(np.float32)})
     return max(_error(hidden, want[:, PAST:]), _error(key, keys[PAST:]), _error(value, values[PAST:]))
 
 

@@ -83,10 +83,6 @@ def fast_tokenizer(source: str | os.PathLike):
     return backend
 
 
-def model_spec(config: Any, source: str) -> ModelSpec:
-    return families.for_config(config, source).spec(config, source)
-
-
 def load_model(source: str | os.PathLike) -> tuple[ModelSpec, Any]:
     """Spec and the float32 transformers model (eager attention: the check reference)."""
     import torch

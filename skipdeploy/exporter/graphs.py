@@ -133,7 +133,8 @@ def build_head(spec: ModelSpec, w: dict[str, np.ndarray | None], dtype: str, ops
 SYMBOLIC_DIMS = {
     "embed": {"input_ids": ["batch", "new_tokens"], "position_ids": ["batch", "new_tokens"],
               "hidden": ["batch", "new_tokens", None]},
-    "layer": {"hidden": ["batch", "new_tokens", None], "position_ids": ["batch", "new_tokens"], "past_key": ["past_tokens", "batch", None, None],
+    "layer": {"hidden": ["batch", "new_tokens", None], "position_ids": ["batch", "new_tokens"],
+              "past_key": ["past_tokens", "batch", None, None],
               "past_value": ["past_tokens", "batch", None, None], "attention_bias": ["batch", "total_tokens"],
               "hidden_out": ["batch", "new_tokens", None], "key": ["new_tokens", "batch", None, None],
               "value": ["new_tokens", "batch", None, None]},

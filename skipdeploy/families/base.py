@@ -44,6 +44,8 @@ class Family:
     LAYER_WEIGHTS: tuple[str, ...] = ()
     # Weights whose presence tells a float layer graph from a quantized one.
     REQUIRED_WEIGHTS: tuple[str, ...] = ("qkv.weight",)
+    # Weight matrices of the MLP (the cost model's multiply-adds): 2 (up, down) or 3 (gated).
+    MLP_MATRICES = 2
     # Initializer-name prefixes that stay float32 in float16 graphs (norm parameters).
     FP32_PREFIXES: tuple[str, ...] = ("ln_", "final_layer_norm")
 
