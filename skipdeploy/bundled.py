@@ -7,7 +7,6 @@ pretrained and then SkipDecode-fine-tuned by ``tools/train_stdlib_opt.py`` (figu
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -27,19 +26,11 @@ def bundled_model() -> Path | None:
     return ASSET if all((ASSET / f).is_file() for f in needed) else None
 
 
-def trained_decay_tokens(checkpoint: Path, default: int = 128) -> int:
-    info = json.loads((checkpoint / "config.json").read_text()).get("skipdecode") or {}
-    return int((info.get("schedule") or {}).get("decay_tokens") or default)
-
-
 def run_demo(workdir: Path | None, prompt: str | None, max_new_tokens: int | None, target_speedup: float | None,
              echo: Callable[..., None], random: bool = False) -> dict:
     """Export the bundled model (or, with ``random`` or when it is absent, a random 8-layer one),
-    then complete ``prompt`` with the full schedule and a SkipDecode one, side by side."""
-    from . import export
-    from .runtime import load
-    from .schedule import Schedule
-
+    then complete ``prompt`` with the full schedule and a SkipDecode one, side by side. Without
+    ``workdir`` the files go to a temporary directory that is removed at the end."""
     # Given values are checked, never replaced by a default (a falsy 0 or "" is a mistake to report).
     if prompt is not None and not prompt.strip():
         raise InputError("--prompt is empty; give some text to complete")
@@ -48,25 +39,40 @@ def run_demo(workdir: Path | None, prompt: str | None, max_new_tokens: int | Non
                          f"(got {max_new_tokens})")
     if target_speedup is not None and not target_speedup > 1:
         raise InputError(f"--target-speedup must be above 1 (got {target_speedup:g})")
-    workdir = workdir or Path(tempfile.mkdtemp(prefix="skipdeploy-demo-"))
+    if workdir is not None:
+        return _demo(Path(workdir), prompt, max_new_tokens, target_speedup, echo, random, kept=True)
+    with tempfile.TemporaryDirectory(prefix="skipdeploy-demo-") as tmp:
+        return _demo(Path(tmp), prompt, max_new_tokens, target_speedup, echo, random, kept=False)
+
+
+def _demo(workdir: Path, prompt: str | None, max_new_tokens: int | None, target_speedup: float | None,
+          echo: Callable[..., None], random: bool, kept: bool) -> dict:
+    from . import export
+    from .runtime import load
+    from .schedule import Schedule
+
     checkpoint = None if random else bundled_model()
-    if checkpoint is not None:
+    bundled = checkpoint is not None
+    if bundled:
         prompt, max_new_tokens = prompt or DEFAULT_PROMPT, max_new_tokens or 64
         target_speedup, knobs = target_speedup or 3.0, {"repetition_penalty": REPETITION_PENALTY}
-        decay = trained_decay_tokens(checkpoint)
         echo(f"1/3 bundled model: OPT trained on Python's standard library, SkipDecode fine-tuned ({checkpoint})")
     else:
         from .random_checkpoint import make_checkpoint
 
         prompt, max_new_tokens = prompt or "def greet(name):", max_new_tokens or 24
-        target_speedup, knobs, decay = target_speedup or 2.0, {}, max(1, max_new_tokens - 1)
+        target_speedup, knobs = target_speedup or 2.0, {}
         checkpoint = make_checkpoint(workdir / "checkpoint", "small", weight_scale=3.0)
         echo(f"1/3 random 8-layer OPT checkpoint (its text is noise; the layers saved are real) -> {checkpoint}")
+    # The decay spans the decode steps generated, so that the speedup in the label is the one
+    # measured over them (as `generate --target-speedup` does).
+    decay = max(1, max_new_tokens - 1)
     out = workdir / "export"
     start = time.perf_counter()
     manifest = export(checkpoint, out, force=True, progress=False, log=lambda m: echo(f"    {m}"))
     spec = manifest.model
-    echo(f"2/3 exported {spec.num_layers} layers (hidden {spec.hidden_size}) to {out} in "
+    where = "" if kept else " (a temporary directory, removed at the end; --workdir DIR keeps it)"
+    echo(f"2/3 exported {spec.num_layers} layers (hidden {spec.hidden_size}) to {out}{where} in "
          f"{time.perf_counter() - start:.1f} s")
     runtime = load(out)
     L = spec.num_layers
@@ -89,8 +95,13 @@ def run_demo(workdir: Path | None, prompt: str | None, max_new_tokens: int | Non
          f"(layer speedup {skipped.layer_speedup:.2f}x); measured decode speedup {speed:.2f}x (the embedding and "
          f"the LM head run at every step); {100 * same:.0f}% of tokens identical to the full model's")
     echo(f"schedule: {skip.describe()}")
-    echo(f"next: skipdeploy generate {out} --prompt 'import os' --target-speedup {target_speedup:g} "
-         f"--decay-tokens {skip.decay_tokens}")
+    if kept:
+        echo(f"next: skipdeploy generate {out} --prompt 'import os' --target-speedup {target_speedup:g}")
+    elif bundled:
+        echo(f"next: skipdeploy export bundled --out stdlib-opt-sd, then skipdeploy generate stdlib-opt-sd "
+             f"--prompt 'import os' --target-speedup {target_speedup:g}")
+    else:
+        echo("next: skipdeploy demo --workdir DIR keeps the checkpoint and the export in DIR")
     return {"export": out, "speedup": speed, "full": full, "skip": skipped}
 
 

@@ -183,6 +183,9 @@ def read_manifest(directory: str | os.PathLike, verify: bool = True) -> Manifest
     if not directory.is_dir():
         raise ManifestError(f"{directory} is not a directory")
     path = directory / MANIFEST
+    if not path.is_file() and (directory / "config.json").is_file():
+        raise ManifestError(f"{directory} is a model checkpoint, not an export: export it first "
+                            f"(skipdeploy export {directory} --out DIR, or skipdeploy.export()) and use DIR")
     if not path.is_file():
         raise ManifestError(
             f"{directory} has no {MANIFEST}: not a skipdeploy export, or an export that did not finish "

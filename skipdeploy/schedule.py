@@ -15,12 +15,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from fractions import Fraction
-from typing import Any, Callable
+from typing import Any
 
 from .errors import ScheduleError
+from .schedule_search import TARGET_TOLERANCE, TargetOutOfReach, _linear_layer_sum, _LinearSearch
+
+__all__ = ["MAX_LAYERS", "MAX_POSITIONS", "PROMPT_MODES", "TARGET_TOLERANCE", "LayerSchedule", "Schedule",
+           "TableSchedule", "TargetOutOfReach", "format_layers"]
 
 PROMPT_MODES = ("full", "schedule")
+# What a model can have, so that a typed size is refused up front instead of filling memory or
+# running for minutes (a schedule command of 10**8 layers or steps). The deepest open models have
+# ~130 decoder layers, the longest contexts ~1M positions; both bounds leave headroom above that.
+MAX_LAYERS = 1024
+MAX_POSITIONS = 1 << 20  # decay_tokens, a table's steps, the steps a figure is averaged over
 
 
 def _int(name: str, value: Any) -> int:
@@ -45,8 +53,8 @@ class LayerSchedule:
 
     def _validate_common(self) -> None:
         self.num_layers = _int("num_layers", self.num_layers)
-        if self.num_layers < 1:
-            raise ScheduleError(f"num_layers must be >= 1 (got {self.num_layers})")
+        _check_range("num_layers", self.num_layers, 1, MAX_LAYERS,
+                     f"{MAX_LAYERS}, more layers than any model has")
         self.warmup_layers = _int("warmup_layers", self.warmup_layers)
         _check_range("warmup_layers", self.warmup_layers, 0, self.num_layers,
                      f"num_layers={self.num_layers}")
@@ -78,9 +86,10 @@ class LayerSchedule:
 
     def mean_layers(self, steps: int) -> float:
         """Mean number of layers run per step over steps ``0 .. steps-1``."""
-        if steps < 1:
-            raise ScheduleError(f"steps must be >= 1 (got {steps})")
-        return sum(self.count(s) for s in range(steps)) / steps
+        return self._layer_sum(_check_steps(steps)) / steps
+
+    def _layer_sum(self, steps: int) -> int:
+        return sum(self.count(s) for s in range(steps))
 
     def layer_speedup(self, steps: int | None = None) -> float:
         """``num_layers`` over the mean layers run per step over steps ``0 .. steps-1`` (default:
@@ -142,8 +151,7 @@ class Schedule(LayerSchedule):
         self.decay_tokens = _int("decay_tokens", decay_tokens)
         _check_range("max_layers", self.max_layers, 1, L, f"num_layers={L}")
         _check_range("min_layers", self.min_layers, 1, self.max_layers, f"max_layers={self.max_layers}")
-        if self.decay_tokens < 1:
-            raise ScheduleError(f"decay_tokens must be >= 1 (got {self.decay_tokens})")
+        _check_range("decay_tokens", self.decay_tokens, 1, MAX_POSITIONS, _POSITIONS)
 
     @classmethod
     def full(cls, num_layers: int) -> "Schedule":
@@ -168,14 +176,21 @@ class Schedule(LayerSchedule):
         search = _LinearSearch(probe.num_layers, probe.decay_tokens, probe.warmup_layers, speedup)
         found = search.best()
         if found is None:
-            raise ScheduleError(search.out_of_reach())
+            raise search.out_of_reach()
         return cls(probe.num_layers, found[0], found[1], probe.decay_tokens, probe.warmup_layers, prompt)
 
     def top(self, step: int) -> int:
         if step >= self.decay_tokens:
             return self.min_layers
-        exact = self.max_layers - Fraction((self.max_layers - self.min_layers) * step, self.decay_tokens)
-        return max(self.min_layers, math.floor(exact + Fraction(1, 2)))
+        # round_half_up(max - d * s / T) in integers: max - floor((2 d s + T - 1) / 2T)
+        d, T = self.max_layers - self.min_layers, self.decay_tokens
+        return max(self.min_layers, self.max_layers - (2 * d * step + T - 1) // (2 * T))
+
+    def _layer_sum(self, steps: int) -> int:  # closed form: microseconds at MAX_POSITIONS steps
+        within = min(steps, self.decay_tokens)
+        return (_linear_layer_sum(self.num_layers, self.warmup_layers, self.decay_tokens, self.max_layers,
+                                  self.min_layers, within)
+                + (steps - within) * self.count(self.decay_tokens))
 
     @property
     def horizon(self) -> int:
@@ -214,6 +229,9 @@ class TableSchedule(LayerSchedule):
         self._validate_common()
         if not tops:
             raise ScheduleError("a schedule table needs at least one step")
+        if len(tops) > MAX_POSITIONS:
+            raise ScheduleError(f"a schedule table may have at most {MAX_POSITIONS} steps, more positions than any "
+                                f"model has (got {len(tops)})")
         self.tops = [_int(f"tops[{i}]", t) for i, t in enumerate(tops)]
         for i, t in enumerate(self.tops):
             _check_range(f"tops[{i}]", t, 1, self.num_layers, f"num_layers={self.num_layers}")
@@ -245,158 +263,13 @@ class TableSchedule(LayerSchedule):
         return hash(repr(self.to_dict()))
 
 
-TARGET_TOLERANCE = 0.05  # relative distance from the target that ``Schedule.target_speedup`` accepts
+_POSITIONS = f"{MAX_POSITIONS}, more positions than any model has"
 
 
-def _floor_sum(n: int, m: int, a: int, b: int) -> int:
-    """``sum(floor((a * i + b) / m) for i in range(n))`` for ``n, a, b >= 0, m >= 1``, in O(log) steps."""
-    total = 0
-    while True:
-        if a >= m:
-            total += n * (n - 1) // 2 * (a // m)
-            a %= m
-        if b >= m:
-            total += n * (b // m)
-            b %= m
-        y_max = a * n + b
-        if y_max < m:
-            return total
-        n, b = divmod(y_max, m)
-        m, a = a, m
-
-
-def _linear_layer_sum(num_layers: int, warmup_layers: int, decay_tokens: int, max_layers: int,
-                      min_layers: int) -> int:
-    """``sum(count(s) for s in range(decay_tokens))`` of ``Schedule(num_layers, max_layers,
-    min_layers, decay_tokens, warmup_layers)``, in closed form.
-
-    For ``s < T``: ``top(s) = max - floor((2 d s + T - 1) / 2T)`` with ``d = max - min`` (round
-    half up of ``max - d s / T``), and ``count(s) = min(L, w + top(s))``. ``top`` falls with ``s``,
-    so the steps clipped to ``L`` are the first ``s0``: those with ``floor(...) < max - (L - w)``.
-    """
-    L, w, T = num_layers, warmup_layers, decay_tokens
-    d = max_layers - min_layers
-    r = max_layers - (L - w)
-    if r <= 0:
-        s0 = 0
-    elif d == 0:
-        s0 = T
-    else:  # floor((2ds + T - 1) / 2T) < r  <=>  s < (2Tr - T + 1) / 2d
-        s0 = min(T, -(-(2 * T * r - T + 1) // (2 * d)))
-    drops = _floor_sum(T, 2 * T, 2 * d, T - 1) - _floor_sum(s0, 2 * T, 2 * d, T - 1)
-    return s0 * L + (T - s0) * (w + max_layers) - drops
-
-
-def _last_true(lo: int, hi: int, pred: Callable[[int], bool]) -> int:
-    """The largest ``x`` in ``[lo, hi]`` with ``pred(x)``, for ``pred`` true on a prefix; ``lo - 1`` if none."""
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        if pred(mid):
-            lo = mid + 1
-        else:
-            hi = mid - 1
-    return hi
-
-
-class _LinearSearch:
-    """``Schedule.target_speedup``'s search over (max_layers, min_layers) pairs.
-
-    It picks what the exhaustive double loop (max_layers from L down, min_layers from max_layers
-    down, keeping the first strictly better ``(max_layers, -error)``) would pick, without the loop:
-    the layer count of every step grows (weakly) with either size, so the figure ``L / (sum / T)``
-    falls with either, and so does every float computed from it. For one ``max_layers`` the
-    figures at or above the target are a prefix of ``min_layers = 1, 2, ...`` and the best pair
-    sits at the edge of that prefix; whole ranges of ``max_layers`` are skipped by bisection.
-    """
-
-    def __init__(self, num_layers: int, decay_tokens: int, warmup_layers: int, target: float) -> None:
-        self.L, self.T, self.w, self.k = num_layers, decay_tokens, warmup_layers, target
-
-    def speedup(self, max_layers: int, min_layers: int) -> float:
-        # The same float expression as layer_speedup(T): num_layers / (sum of counts / steps).
-        return self.L / (_linear_layer_sum(self.L, self.w, self.T, max_layers, min_layers) / self.T)
-
-    def error(self, max_layers: int, min_layers: int) -> float:
-        return abs(self.speedup(max_layers, min_layers) - self.k) / self.k
-
-    def _split(self, max_layers: int) -> int:
-        """The largest ``min_layers`` whose figure is >= the target (0 if none)."""
-        return _last_true(1, max_layers, lambda m: self.speedup(max_layers, m) >= self.k)
-
-    def _deepest(self) -> int:
-        """The largest ``max_layers`` whose fastest pair (``min_layers=1``) is not too slow; every
-        deeper start is too slow at every ``min_layers``."""
-        def fast_enough(max_layers: int) -> bool:
-            return self.speedup(max_layers, 1) >= self.k or self.error(max_layers, 1) <= TARGET_TOLERANCE
-        return _last_true(1, self.L, fast_enough)
-
-    def _best_for(self, max_layers: int) -> tuple[float, int]:
-        """(error, min_layers) of the closest figure at this ``max_layers``, the largest
-        ``min_layers`` on a tie (the one the double loop meets first)."""
-        p = self._split(max_layers)
-        best: tuple[float, int] | None = None
-        if p >= 1:  # errors fall as min_layers rises towards p
-            best = (self.error(max_layers, p), p)
-        if p < max_layers:  # errors rise from p + 1 on; the last equal to the first ties
-            first = self.error(max_layers, p + 1)
-            q = _last_true(p + 1, max_layers, lambda m: self.error(max_layers, m) <= first)
-            if best is None or first <= best[0]:
-                best = (first, q)
-        assert best is not None
-        return best
-
-    def best(self) -> tuple[int, int] | None:
-        """(max_layers, min_layers) of the chosen schedule, or None when none is within 5%."""
-        for max_layers in range(self._deepest(), 0, -1):
-            err, min_layers = self._best_for(max_layers)
-            if err <= TARGET_TOLERANCE:
-                return max_layers, min_layers
-            if self.speedup(max_layers, max_layers) >= self.k:
-                return None  # too fast at every min_layers, and shallower starts are faster still
-        return None
-
-    def nearest(self) -> tuple[tuple[float, int, int] | None, tuple[float, int, int] | None]:
-        """The (figure, max_layers, min_layers) closest to the target from below and from above
-        (the deepest such pair on a tie; None when no figure lies on that side)."""
-        below: tuple[float, int, int] | None = None
-        above: tuple[float, int, int] | None = None
-
-        def offer(max_layers: int, min_layers: int) -> None:
-            nonlocal below, above
-            figure = self.speedup(max_layers, min_layers)
-            if figure >= self.k:
-                if above is None or figure < above[0]:
-                    above = (figure, max_layers, min_layers)
-            elif below is None or figure > below[0]:
-                below = (figure, max_layers, min_layers)
-
-        deepest = self._deepest()
-        if deepest < self.L:  # deeper starts are all below; the fastest of them is this one
-            offer(deepest + 1, 1)
-        for max_layers in range(deepest, 0, -1):
-            p = self._split(max_layers)
-            if p >= 1:
-                offer(max_layers, p)
-            if p < max_layers:
-                offer(max_layers, p + 1)
-            else:  # every figure here is above, and shallower starts are faster still
-                break
-        return below, above
-
-    def out_of_reach(self) -> str:
-        below, above = self.nearest()
-        setup = f"for {self.L} layers with {self.w} warm-up layer(s) over {self.T} decay tokens"
-
-        def pair(found: tuple[float, int, int]) -> str:
-            return f"{found[0]:.2f}x (max_layers={found[1]}, min_layers={found[2]})"
-
-        if above is None:  # faster than the fastest schedule
-            advice = "; use fewer --warmup-layers to go faster" if self.w else ""
-            return (f"target speedup {self.k:g}x is out of reach {setup}: the fastest schedule gives "
-                    f"{pair(below)}{advice}")
-        nearest = " and ".join(pair(found) for found in (below, above) if found is not None)
-        return (f"target speedup {self.k:g}x is not reachable within 5% {setup}: the nearest schedules give "
-                f"{nearest}; pass one of those or change --decay-tokens/--warmup-layers")
+def _check_steps(steps: int) -> int:
+    steps = _int("steps", steps)
+    _check_range("steps", steps, 1, MAX_POSITIONS, _POSITIONS)
+    return steps
 
 
 def format_layers(layers: tuple[int, ...]) -> str:

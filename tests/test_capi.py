@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from skipdeploy.capi import bridge
+from skipdeploy.capi import bridge, functions, header
+from skipdeploy.capi.status import MESSAGE_LIMIT, Status, message_of, status_of
 from skipdeploy.errors import (BackendError, CapacityError, InputError, ManifestError, ScheduleError,
                                SkipDeployError)
 from skipdeploy.schedule import Schedule
@@ -25,41 +26,45 @@ from skipdeploy.serving import QueueFullError
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "c"
 PROMPT = [2, 45, 67, 89]
 SCHEDULED = {"max_layers": 3, "min_layers": 1, "decay_tokens": 4}
-STATUS = {name: code for code, name in enumerate(bridge.STATUS_NAMES)}
 
 
 # -- the bridge, in Python (no compiler) ----------------------------------------------------------
 
+GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "seed": None, "stop_strings": (),
+          "stop_token_ids": ()}
+
+
 def test_params_parse_schedule_knobs_and_stop():
     default = Schedule.full(4)
     p = bridge.parse_params(None, 4, default)
-    assert (p.max_new_tokens, p.schedule, p.knobs) == (bridge.DEFAULT_MAX_NEW_TOKENS, default, {})
+    assert (p.max_new_tokens, p.schedule, p.knobs) == (32, default, GREEDY)  # the C API's documented defaults
     p = bridge.parse_params(json.dumps({**SCHEDULED, "max_new_tokens": 8, "temperature": 0.5, "seed": 3,
                                         "stop": "\n\n", "stop_token_ids": 7, "ignore_eos": True}), 4, default)
     assert p.schedule.to_dict() == Schedule(4, 3, 1, 4).to_dict()
-    assert p.knobs == {"temperature": 0.5, "seed": 3, "stop_strings": ("\n\n",), "stop_token_ids": (7,)}
+    assert p.knobs == {**GREEDY, "temperature": 0.5, "seed": 3, "stop_strings": ("\n\n",), "stop_token_ids": (7,)}
     assert p.eos_token_id is None and p.max_new_tokens == 8
-    assert bridge.parse_params('{"stop": ["a", "b"]}', 4, default).knobs == {"stop_strings": ("a", "b")}
+    assert bridge.parse_params('{"stop": ["a", "b"]}', 4, default).knobs["stop_strings"] == ("a", "b")
     # target_speedup decays over this generation's decode steps
     assert bridge.parse_params('{"target_speedup": 2, "max_new_tokens": 9}', 4, default).schedule.decay_tokens == 8
 
 
-@pytest.mark.parametrize("text, error, words", [
-    ("{", InputError, "not valid JSON"),
-    ("[1, 2]", InputError, "must be a JSON object"),
-    ('{"max_new_token": 3}', InputError, "unknown key"),
-    ('{"max_new_tokens": 0}', InputError, "max_new_tokens"),
-    ('{"max_new_tokens": "3"}', InputError, "max_new_tokens"),
-    ('{"max_layers": 9}', ScheduleError, "max_layers"),
-    ('{"max_layers": "x"}', ScheduleError, "max_layers"),
-    ('{"target_speedup": 2, "max_layers": 3}', ScheduleError, "target_speedup"),
-    ('{"stop": 5}', InputError, "stop"),
-    ('{"stop_token_ids": ["a"]}', InputError, "stop_token_ids"),
-    ('{"ignore_eos": 1}', InputError, "ignore_eos"),
+@pytest.mark.parametrize("text, words", [
+    ("{", "not valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"max_new_token": 3}', "unknown key"),
+    ('{"max_new_tokens": 0}', "max_new_tokens"),
+    ('{"max_new_tokens": "3"}', "max_new_tokens"),
+    ('{"max_layers": 9}', "max_layers"),
+    ('{"max_layers": "x"}', "max_layers"),
+    ('{"target_speedup": 2, "max_layers": 3}', "target_speedup"),
+    ('{"stop": 5}', "stop"),
+    ('{"stop_token_ids": ["a"]}', "stop_token_ids"),
+    ('{"ignore_eos": 1}', "ignore_eos"),
 ])
-def test_params_errors(text, error, words):
-    with pytest.raises(error, match=words):
+def test_params_errors(text, words):
+    with pytest.raises(InputError, match=words) as info:  # SD_ERR_INPUT, naming the key
         bridge.parse_params(text, 4, Schedule.full(4))
+    assert status_of(info.value) == Status.SD_ERR_INPUT
 
 
 @pytest.mark.parametrize("text, error, words", [
@@ -85,10 +90,10 @@ def test_status_mapping_and_one_line_messages():
              (BackendError("x"), False, "SD_ERR_INTERNAL"), (SkipDeployError("x"), True, "SD_ERR_INTERNAL"),
              (ZeroDivisionError("x"), False, "SD_ERR_INTERNAL")]
     for exc, loading, name in cases:
-        assert bridge.STATUS_NAMES[bridge.status_of(exc, loading)] == name
-    assert bridge.message_of(KeyError("a\nb"), "sd_load") == "sd_load: KeyError: 'a\\nb'"
-    assert "\n" not in bridge.message_of(InputError("line one\n  line two")) and \
-        len(bridge.message_of(InputError("é" * 2000)).encode()) <= bridge.MESSAGE_LIMIT
+        assert status_of(exc, loading).name == name
+    assert message_of(KeyError("a\nb"), "sd_load") == "sd_load: KeyError: 'a\\nb'"
+    assert "\n" not in message_of(InputError("line one\n  line two")) and \
+        len(message_of(InputError("é" * 2000)).encode()) <= MESSAGE_LIMIT
 
 
 @pytest.mark.slow
@@ -117,6 +122,70 @@ def test_bridge_matches_the_python_api(exports):
         b.free(handle)
     with pytest.raises(InputError, match="not a live sd_runtime"):
         b.generate(handle, PROMPT, None)
+
+
+# -- the table: each function declared once ------------------------------------------------------
+
+# The C section of CONTRACTS.md: what users' programs call.
+CONTRACT_FUNCTIONS = {"sd_version", "sd_load", "sd_generate", "sd_generate_stream", "sd_generate_text",
+                      "sd_last_error", "sd_free", "sd_status_name", "sd_tokenize", "sd_detokenize", "sd_runtime_info"}
+CONTRACT_STATUSES = ["SD_OK", "SD_ERR_INPUT", "SD_ERR_CAPACITY", "SD_ERR_EXPORT", "SD_ERR_BUFFER", "SD_ERR_INTERNAL"]
+# A declaration in the header: a return type at the start of a line, then the name.
+DECLARATION = re.compile(r"^(?:const char \*|sd_status |void )(sd_\w+)\(", re.M)
+
+
+def test_the_table_keeps_the_contract():
+    assert {f.name for f in functions.FUNCTIONS} >= CONTRACT_FUNCTIONS
+    assert [s.name for s in Status] == CONTRACT_STATUSES and [int(s) for s in Status] == list(range(6))
+
+
+def test_the_header_declares_each_function_of_the_table_once_with_its_doc():
+    text = header.header("9.9.9")
+    assert DECLARATION.findall(text) == [f.name for f in functions.FUNCTIONS]
+    for f in functions.FUNCTIONS:
+        assert "\n".join([*header.comment(f.doc), header.prototype(f)]) + "\n" in text, f.name
+    for s in Status:  # the enum, with the values Python returns
+        assert re.search(rf"^    {s.name} = {int(s)}\b", text, re.M), s.name
+    assert '#define SKIPDEPLOY_VERSION "9.9.9"' in text and "Buffer rules as sd_generate_text." in text
+    # sd_status_name knows every status, and each wrapper resets and checks what its roles say
+    source = header.wrappers('L"/python"')
+    assert all(f'case {s.name}: return "{s.name}";' in source for s in Status)
+    assert 'sd_generate: prompt is NULL but prompt_len is %zu' in source and "*out = NULL;" in source
+
+
+def test_install_binds_every_function_of_the_table_and_nothing_else():
+    from skipdeploy.capi.binding import bindings
+
+    python = [f for f in functions.FUNCTIONS if f.method is not None]
+    made = bindings(None, None, bridge.Bridge())  # looks each Bridge method up now
+    assert list(made) == [f.extern for f in python]
+    assert re.findall(r'extern "Python" int (\w+)\(', header.cdef()) == list(made)
+    assert {f.name for f in functions.FUNCTIONS} - {f.name for f in python} == \
+        {"sd_version", "sd_status_name", "sd_last_error"}  # C alone
+    import inspect
+
+    for f in python:  # the Bridge method takes what the C arguments become
+        inputs = [p for p in f.params if p.role in ("rt", "path", "text", "json", "ids", "callback")]
+        inspect.signature(getattr(bridge.Bridge, f.method)).bind(None, *inputs)
+    with pytest.raises(AttributeError):
+        bindings(None, None, object())
+    cffi = pytest.importorskip("cffi")
+    cffi.FFI().cdef(header.cdef())  # what the build hands cffi parses
+
+
+@pytest.mark.parametrize("params, words", [
+    ((("const int64_t *ids", "ids"),), "partner"),
+    ((("size_t ids_len", "len"),), "must follow"),
+    ((("int64_t *out", "ids_out"), ("size_t out_capacity", "capacity")), "out_len"),
+    ((("int x", "number"),), "unknown role"),
+])
+def test_the_table_refuses_entries_the_generators_cannot_make(params, words):
+    entry = functions.Function("sd_bad", "sd_status", tuple(functions.Param(*p) for p in params), "doc",
+                               method="info")
+    with pytest.raises(ValueError, match=words):
+        functions.check_table((entry,))
+    with pytest.raises(ValueError, match="twice"):
+        functions.check_table(functions.FUNCTIONS + functions.FUNCTIONS[:1])
 
 
 # -- the library, from C --------------------------------------------------------------------------
@@ -149,7 +218,7 @@ def capi(tmp_path_factory):
     from skipdeploy.cli.capi import command
 
     out = tmp_path_factory.mktemp("capi")
-    result = CliRunner().invoke(command, ["--out", str(out)], catch_exceptions=False)
+    result = CliRunner().invoke(command, ["-o", str(out)], catch_exceptions=False)  # -o as in every command
     assert result.exit_code == 0, result.output
     assert "PKG_CONFIG_PATH=" in result.output
     return out
@@ -193,11 +262,16 @@ def python_tokens(exports):
 
 
 @pytest.mark.slow
-def test_build_layout_and_rebuild(capi):
-    from skipdeploy.capi.build import build
+def test_build_layout_and_rebuild(capi, tmp_path):
+    import ctypes
 
-    lib = capi / "lib" / "libskipdeploy.so"
-    assert (capi / "include" / "skipdeploy.h").read_text().count("sd_status sd_") == 7
+    from click.testing import CliRunner
+
+    from skipdeploy import __version__
+    from skipdeploy.cli import main
+
+    lib, include = capi / "lib" / "libskipdeploy.so", capi / "include" / "skipdeploy.h"
+    assert include.read_text() == header.header(__version__)  # the shipped header is the table's
     pc = (capi / "lib" / "pkgconfig" / "skipdeploy.pc").read_text()
     assert f"prefix={capi}" in pc and "-Wl,-rpath,${libdir}" in pc and "-lskipdeploy" in pc
     dynamic = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True).stdout \
@@ -206,14 +280,64 @@ def test_build_layout_and_rebuild(capi):
         import sysconfig
 
         assert "libpython" in dynamic and sysconfig.get_config_var("LIBDIR") in dynamic
+    names = {f.name for f in functions.FUNCTIONS}
     exported = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout \
         if shutil.which("nm") else ""
-    if exported:
-        assert {line.split()[-1] for line in exported.splitlines()} == {
-            "sd_version", "sd_status_name", "sd_load", "sd_generate", "sd_generate_stream", "sd_generate_text",
-            "sd_tokenize", "sd_detokenize", "sd_runtime_info", "sd_last_error", "sd_free"}
-    with pytest.raises(SkipDeployError, match="--force"):
-        build(capi)
+    if exported:  # the table's functions, and nothing else
+        assert {line.split()[-1] for line in exported.splitlines()} == names
+    loaded = ctypes.CDLL(str(lib))
+    assert all(hasattr(loaded, name) for name in names)
+    assert not hasattr(loaded, "_sdpy_generate") and not hasattr(loaded, "PyInit__skipdeploy_capi")
+    # the header stands alone, in C and C++
+    for compiler, language in (("cc", "c"), ("c++", "c++")):
+        if shutil.which(compiler):
+            subprocess.run([compiler, "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-x", language, str(include)],
+                           check=True)
+    result = CliRunner().invoke(main, ["capi", "--out", str(capi)])
+    assert result.exit_code == 1 and "pass --force" in result.output
+
+
+TABLE_ARGS = {"rt": "(sd_runtime *)0x7777", "path": '"/nonexistent/export"', "text": '"x"', "json": "NULL",
+              "ids": "ids", "len": "1", "callback": "on_token", "user": "NULL", "handle_out": "&handle",
+              "ids_out": "id_buf", "text_out": "text_buf", "out_len": "&n"}
+
+
+def _table_program() -> str:
+    """A C program that calls every function of the table that runs Python once, with a made-up
+    handle (sd_load: a missing export), and prints its status and message."""
+    calls = []
+    for f in functions.FUNCTIONS:
+        if f.method is None:
+            continue
+        args = []
+        for i, p in enumerate(f.params):
+            args.append(f"sizeof {args[-1]} / sizeof {args[-1]}[0]" if p.role == "capacity" else TABLE_ARGS[p.role])
+        call = f"{f.name}({', '.join(args)})"
+        if f.returns == "void":
+            calls.append(f'    {call};\n    printf("{f.name}\\t-\\t%s\\n", sd_last_error());')
+        else:
+            calls.append(f'    s = {call};\n    printf("{f.name}\\t%s\\t%s\\n", sd_status_name(s), sd_last_error());')
+    return ("#include <stdio.h>\n#include <skipdeploy.h>\n\n"
+            "static int on_token(int64_t t, void *u) { (void)t; (void)u; return 1; }\n\n"
+            "int main(void)\n{\n    sd_runtime *handle = NULL;\n    int64_t ids[1] = {2}, id_buf[8];\n"
+            "    char text_buf[64];\n    size_t n = 0;\n    sd_status s;\n"
+            "    (void)handle; (void)ids; (void)id_buf; (void)text_buf; (void)n;\n"
+            + "\n".join(calls) + "\n    return 0;\n}\n")
+
+
+@pytest.mark.slow
+def test_every_function_of_the_table_reaches_its_python_binding(capi, tmp_path):
+    """Each call gets its answer from the Bridge (a missing binding would say "the Python side
+    did not run"), through the status the table's roles promise."""
+    lines = run_empty_env(compile_c(capi, _table_program(), "table", tmp_path)).stdout.splitlines()
+    rows = {name: (status, message) for name, status, message in (line.split("\t") for line in lines)}
+    assert list(rows) == [f.name for f in functions.FUNCTIONS if f.method is not None]
+    for name, (status, message) in rows.items():
+        assert message.startswith(f"{name}: ") and "did not run" not in message, (name, message)
+        if name == "sd_load":
+            assert status == "SD_ERR_EXPORT"
+        else:
+            assert status in ("SD_ERR_INPUT", "-") and "not a live sd_runtime" in message, (name, message)
 
 
 @pytest.mark.slow
@@ -489,7 +613,7 @@ static void *failing_worker(void *arg)  /* sd_last_error is per thread: each see
     char key[16], params[64];
     int64_t out[4];
     size_t n;
-    snprintf(key, sizeof key, "'bogus_%d'", i);
+    snprintf(key, sizeof key, "bogus_%d", i);  /* quoted or not: the door's choice */
     snprintf(params, sizeof params, "{\"bogus_%d\": 1}", i);
     for (int k = 0; k < 50; k++) {
         sd_generate(rt, prompts[i], lengths[i], params, out, 4, &n);

@@ -67,9 +67,9 @@ def test_partial_schedule_flags_modify_the_default(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--seed", "-1", "--temperature", "1"), "seed must be an integer in [0, 2**64)"),
-    (("--temperature", "nan"), "temperature must be >= 0"),
-    (("--top-p", "1.5", "--temperature", "1"), "top_p must be in (0, 1]"),
+    (("--seed", str(2 ** 70), "--temperature", "1"), "--seed must be a 64-bit integer"),
+    (("--temperature", "nan"), "--temperature must be a number >= 0"),
+    (("--top-p", "1.5", "--temperature", "1"), "--top-p must be a number in (0, 1]"),
 ])
 def test_bad_knob_values_are_one_line(exports, args, message):
     result = run("generate", exports["tiny"], "--input-ids", "2,5", *args)
@@ -122,10 +122,10 @@ def test_schedule_command(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("schedule", "--layers", "12", "--min-layers", "0"), "min_layers must be >= 1"),
+    (("schedule", "--layers", "12", "--min-layers", "0"), "--min-layers must be an integer in [1, "),
     (("schedule", "--layers", "12", "--max-layers", "13"), "max_layers must be <= num_layers=12"),
     (("schedule", "--layers", "12", "--warmup-layers", "20"), "warmup_layers must be <= num_layers=12"),
-    (("schedule", "--layers", "12", "--decay-tokens", "0"), "decay_tokens must be >= 1"),
+    (("schedule", "--layers", "12", "--decay-tokens", "0"), "--decay-tokens must be an integer in [1, "),
     (("schedule", "--layers", "12", "--target-speedup", "40"), "out of reach"),
     (("schedule", "--layers", "6", "--table", "5,3,4"), "not monotone: tops[2]=4 > tops[1]=3"),
     (("inspect", "/nonexistent/export"), "does not exist"),
@@ -220,3 +220,123 @@ def test_stop_strings_without_a_tokenizer_name_the_stop_option(checkpoints, tmp_
     (export / "manifest.json").write_text(json.dumps(manifest))
     out = run("generate", export, "--input-ids", "2,100", "--stop", "\\n\\n")
     assert out.exit_code == 1 and "stop strings need the model's tokenizer" in out.output
+
+
+def test_bench_default_targets_adapt_to_the_steps_measured(exports):
+    # 4 layers over 3 decode steps cannot reach the default 3x and 5x: they are left out, with a note.
+    out = run("bench", exports["tiny"], "--max-new-tokens", "4", "--batch-sizes", "1", "--repeats", "1", "--warmup",
+              "0", "--no-hf", "--no-memory", "--no-bandwidth", "--json")
+    assert out.exit_code == 0, out.output
+    assert "left out of the default --target-speedup" in out.stderr and "--warmup-layers" not in out.output
+    assert json.loads(out.stdout)["config"]["target_speedups"] == [2.0]
+
+
+def test_bench_unreachable_target_names_what_bench_can_change(exports):
+    out = run("bench", exports["tiny"], "--max-new-tokens", "4", "--target-speedup", "5")
+    assert out.exit_code == 1 and "out of reach" in out.output and "ms/token" not in out.output
+    assert "--max-new-tokens" in out.output and "--target-speedup" in out.output
+    assert "--warmup-layers" not in out.output and len(out.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, words", [
+    (("schedule", "--layers", "100000000", "--target-speedup", "2"), "--layers must be <= 1024"),
+    (("schedule", "--layers", "12", "--steps", "100000000"), "--steps must be <= 1048576"),
+    (("schedule", "--layers", "12", "--decay-tokens", "100000000"), "--decay-tokens"),
+    (("schedule", "--layers", "12", "--target-speedup", "2", "--decay-tokens", "100000000"), "--decay-tokens"),
+])
+def test_schedule_sizes_are_bounded_by_what_a_model_has(args, words):
+    result = run(*args)
+    assert result.exit_code == 1 and words in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_schedule_json_at_a_long_horizon_lists_every_step():
+    data = json.loads(run("schedule", "--layers", "12", "--target-speedup", "2", "--decay-tokens", "5000",
+                          "--json").stdout)
+    assert len(data["steps"]) == 5001 and data["steps"][-1]["step"] == 5000
+    assert abs(data["layer_speedup"] - 2) <= 0.1
+
+
+def test_demo_label_matches_its_figure_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    import re
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the demo's temporary directory goes
+    out = run("demo", "--random", "--max-new-tokens", "9", "--target-speedup", "1.6")
+    assert out.exit_code == 0, out.output
+    # The label's speedup is the one reached over the tokens generated (the decay spans them).
+    label = re.search(r"--- skipdecode ([\d.]+)x: .*\(layer speedup ([\d.]+)x\)", out.output)
+    assert label and abs(float(label.group(2)) - float(label.group(1))) <= 0.05 * float(label.group(1))
+    assert "removed at the end; --workdir DIR keeps it" in out.output
+    assert not list(tmp_path.glob("skipdeploy-demo-*"))
+
+
+ARGUMENTS = {"export": "MODEL", "finetune": "MODEL", "eval": "MODEL", "inspect": "EXPORT", "quantize": "EXPORT",
+             "serve": "EXPORT", "verify": "EXPORT", "bench": "EXPORT", "build-engines": "EXPORT", "generate": "EXPORT",
+             "triton": "EXPORT"}
+
+
+@pytest.mark.parametrize("name, argument", sorted(ARGUMENTS.items()))
+def test_positional_arguments_say_export_or_model(name, argument):
+    usage = run(name, "--help").output.splitlines()[0]
+    assert usage.endswith(f"[OPTIONS] {argument}") and "DIRECTORY" not in usage, usage
+
+
+def test_export_and_quantize_share_the_weights_option(checkpoints, tmp_path):
+    helps = run("export", "--help").output
+    assert "--weights" in helps and "--quantize" not in helps  # the old spelling stays, hidden
+    assert "--weights" in run("quantize", "--help").output
+    old = run("export", checkpoints["tiny"], "--out", tmp_path / "x", "--quantize", "int4")
+    assert old.exit_code == 2 and "int4" in old.output  # still parsed as the same option
+
+
+def test_force_is_named_as_the_door_spells_it(exports, checkpoints, tmp_path):
+    import skipdeploy
+    from skipdeploy.errors import ExportError
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    for args in (("export", checkpoints["tiny"]), ("quantize", exports["tiny"])):
+        out = run(*args, "--out", taken)
+        assert out.exit_code == 1 and "pass --force to replace it" in out.output and "force=True" not in out.output
+    with pytest.raises(ExportError, match="pass force=True to replace it") as refused:
+        skipdeploy.export(checkpoints["tiny"], taken, log=lambda m: None)
+    assert "--force" not in str(refused.value)
+
+
+def test_exporting_an_export_says_what_to_do_with_it(exports, tmp_path):
+    out = run("export", exports["tiny"], "--out", tmp_path / "again")
+    assert out.exit_code == 1 and "is already a skipdeploy export, not a checkpoint" in out.output
+    assert f"skipdeploy generate {exports['tiny']}" in out.output and not (tmp_path / "again").exists()
+
+
+def test_export_max_batch_is_bounded_up_front(checkpoints, tmp_path):
+    import skipdeploy
+    from skipdeploy.errors import ExportError
+    from skipdeploy.exporter.export import MAX_BATCH
+
+    out = run("export", checkpoints["tiny"], "--out", tmp_path / "x", "--max-batch", "99999999999999999999")
+    assert out.exit_code == 1 and f"max_batch must be an integer between 1 and {MAX_BATCH}" in out.output
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ExportError, match=str(MAX_BATCH)):
+        skipdeploy.export("/nonexistent", tmp_path / "y", max_batch=MAX_BATCH + 1)
+
+
+def test_bundled_is_a_source_name():
+    from skipdeploy.bundled import bundled_model
+    from skipdeploy.exporter.checkpoint import local_source
+
+    if bundled_model() is None:
+        pytest.skip("the bundled model is absent from this installation")
+    assert local_source("bundled") == str(bundled_model())
+
+
+@pytest.mark.slow
+def test_export_bundled(tmp_path):
+    from skipdeploy.bundled import bundled_model
+
+    if bundled_model() is None:
+        pytest.skip("the bundled model is absent from this installation")
+    out = run("export", "bundled", "--out", tmp_path / "sd", "--no-check")
+    assert out.exit_code == 0, out.output
+    assert "exported 12 layers" in out.output and (tmp_path / "sd" / "manifest.json").is_file()

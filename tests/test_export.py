@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="the exporter needs torch (pip install 'skipdeploy[export]')")
 
 import skipdeploy
 from skipdeploy.errors import CheckpointError, ExportError, ManifestError

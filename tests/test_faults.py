@@ -77,7 +77,7 @@ def test_cli_empty_prompt_and_empty_ids(exports):
 def test_killed_export_leaves_nothing_accepted_and_rerun_succeeds(checkpoints, tmp_path):
     out = tmp_path / "killed"
     code = (f"import skipdeploy, time\n"
-            f"import skipdeploy.exporter.export as e\n"
+            f"import skipdeploy.exporter.writer as e\n"
             f"orig = e._save\n"
             f"def slow(proto, path):\n"
             f"    orig(proto, path)\n"
@@ -110,7 +110,7 @@ def _paused_export(checkpoint, out, pause):
     staged, then runs ``pause`` (Python source) before going on."""
     code = (f"import sys, time\n"
             f"import skipdeploy\n"
-            f"import skipdeploy.exporter.export as e\n"
+            f"import skipdeploy.exporter.writer as e\n"
             f"orig = e._save\n"
             f"def slow(proto, path):\n"
             f"    orig(proto, path)\n"

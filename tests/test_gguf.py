@@ -15,8 +15,8 @@ import pytest
 
 gguf = pytest.importorskip("gguf", reason="needs the gguf extra: pip install 'skipdeploy[gguf]'")
 pytest.importorskip("accelerate", reason="needs the gguf extra: pip install 'skipdeploy[gguf]'")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch", reason="GGUF checks against transformers (pip install 'skipdeploy[export]')")
+transformers = pytest.importorskip("transformers", reason="the GGUF tests check against transformers")
 
 from skipdeploy.errors import CheckpointError  # noqa: E402
 from skipdeploy.gguf import checkpoint_from_gguf, resolve_source, smollm2_gguf_path  # noqa: E402

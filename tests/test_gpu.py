@@ -17,7 +17,8 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="the GPU tests need a torch build (pip install 'skipdeploy[export]')")
 from click.testing import CliRunner
 
 import skipdeploy

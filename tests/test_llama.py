@@ -11,7 +11,7 @@ import pytest
 
 from .conftest import comparable_prefix, hf_generate, run_cli
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="these check against transformers (pip install 'skipdeploy[export]')")
 
 import skipdeploy  # noqa: E402
 from skipdeploy import Schedule  # noqa: E402

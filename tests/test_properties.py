@@ -8,9 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import skipdeploy
-from skipdeploy import Schedule
-from skipdeploy.random_checkpoint import make_checkpoint
+pytest.importorskip("torch", reason="these compare with the torch backend (pip install 'skipdeploy[export]')")
+
+import skipdeploy  # noqa: E402
+from skipdeploy import Schedule  # noqa: E402
+from skipdeploy.random_checkpoint import make_checkpoint  # noqa: E402
 
 
 @st.composite

@@ -8,13 +8,12 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 
 from skipdeploy import Schedule, TableSchedule
 from skipdeploy.errors import CapacityError, InputError
 from skipdeploy.runtime import plan_capacities
 
-from .conftest import PROMPTS, VARIANTS, comparable_prefix, hf_generate
+from .conftest import HAS_TORCH, PROMPTS, VARIANTS, comparable_prefix, hf_generate, skip_without, torch
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
@@ -90,7 +89,7 @@ def test_batch_rows_match_single_prompt_runs(runtimes):
 
 @torch.no_grad()
 def test_cache_buffers_are_written_in_place(runtimes, hf_models):
-    """Keys land in the preallocated buffer's slot, nowhere else, and the buffer is not replaced."""
+    """Keys land in the preallocated buffer's positions, nowhere else, and the buffer is not replaced."""
     from skipdeploy.engines.onnxruntime_engine import OnnxRuntimeEngine
 
     rt = runtimes["tiny", "onnxruntime"]
@@ -113,7 +112,7 @@ def test_cache_buffers_are_written_in_place(runtimes, hf_models):
     assert cache.keys[0].ctypes.data == pointer
     assert np.abs(cache.keys[0][:T] - want.numpy()).max() < 1e-5
     assert np.isnan(cache.keys[0][T:]).all() and np.isnan(cache.keys[1]).all()
-    # One decode position lands in slot T.
+    # One decode position lands at position T.
     step = engine.embed(np.array([[7], [8]]), np.full((B, 1), T))
     engine.layer(0, step, cache, T, np.zeros((B, T + 1), np.float32))
     assert np.isfinite(cache.keys[0][T]).all() and np.isnan(cache.keys[0][T + 1:]).all()
@@ -205,3 +204,113 @@ def test_load_verify_keyword_still_works_with_a_warning(exports):
 
     with pytest.warns(DeprecationWarning, match="check_files"):
         assert skipdeploy.load(exports["tiny"], verify=False).generate([[2, 5]], 2).tokens
+
+
+def test_threads_above_the_machine_s_cores_are_refused_at_every_door(exports, tmp_path):
+    """--threads 100000 grew memory by 60 MB/s: the core refuses more threads than cores, in one
+    line naming the limit, whichever door the option comes through."""
+    import os
+
+    import skipdeploy
+    from skipdeploy.capi.bridge import Bridge
+    from skipdeploy.serving import ServingEngine
+
+    from .conftest import run_cli
+
+    cores, too_many = os.cpu_count(), os.cpu_count() + 1
+    message = f"threads must be at most {cores}, the CPU cores this machine has"
+    with pytest.raises(InputError, match=message):
+        skipdeploy.load(exports["tiny"], threads=too_many)
+    with pytest.raises(InputError, match=message):
+        ServingEngine(exports["tiny"], threads=too_many, max_batch=1)
+    with pytest.raises(InputError, match=message):
+        Bridge().load(str(exports["tiny"]), f'{{"threads": {too_many}}}')
+    out = run_cli("generate", exports["tiny"], "--input-ids", "2,5", "--max-new-tokens", 2, "--threads", too_many)
+    assert out.exit_code == 1 and message in out.output and len(out.output.strip().splitlines()) == 1
+    assert skipdeploy.load(exports["tiny"], threads=cores).generate([[2, 5]], 2).tokens
+
+
+def test_backend_options_are_checked_once_for_both_paths(exports):
+    """An option the backend does not take is one line naming the ones it does (not a TypeError),
+    for skipdeploy.load and ServingEngine alike."""
+    import skipdeploy
+    from skipdeploy.serving import ServingEngine
+
+    with pytest.raises(InputError, match="the onnxruntime backend takes no option 'dtype'; its options: device, "
+                                         "providers, threads"):
+        skipdeploy.load(exports["tiny"], dtype="float16")
+    with pytest.raises(InputError, match="for in-flight batching takes no option 'providers'"):
+        ServingEngine(exports["tiny"], providers=["CPUExecutionProvider"])
+    with pytest.raises(skipdeploy.BackendError, match="in-flight batching runs on the onnxruntime and torch "
+                                                     "backends on the CPU"):
+        ServingEngine(exports["tiny"], device="cuda")
+    skip_without("torch")
+    with pytest.raises(InputError, match="for in-flight batching takes no option 'static_cache'"):
+        ServingEngine(exports["tiny"], backend="torch", static_cache=True)
+    # threads sizes onnxruntime's pool; the torch backend takes it without using it, at every door.
+    assert skipdeploy.load(exports["tiny"], backend="torch", threads=1).generate([[2, 5]], 2).tokens
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_create_engine_inflight_means_the_same_for_every_backend(exports, backend):
+    """inflight=False gives a StaticEngine, inflight=True an InflightEngine, and no engine class is
+    both (so none disables a method of its parent); each path refuses the other's engine."""
+    import skipdeploy
+    from skipdeploy.engines import InflightEngine, StaticEngine, create_engine
+    from skipdeploy.manifest import read_manifest
+    from skipdeploy.runtime import Runtime
+
+    skip_without(backend)
+    manifest = read_manifest(exports["tiny"], verify=False)
+    static, inflight = create_engine(backend, manifest), create_engine(backend, manifest, inflight=True)
+    assert isinstance(static, StaticEngine) and not isinstance(static, InflightEngine) and not static.inflight
+    assert isinstance(inflight, InflightEngine) and not isinstance(inflight, StaticEngine) and inflight.inflight
+    with pytest.raises(skipdeploy.BackendError, match="serves in-flight batching"):
+        Runtime(manifest, inflight)
+
+
+def test_abstract_engine_methods_are_implemented_not_disabled():
+    """Every concrete engine class implements its interface's methods; none raises to opt out."""
+    import ast
+    import importlib
+    import inspect
+    from pathlib import Path
+
+    import skipdeploy.engines
+
+    for path in sorted(Path(skipdeploy.engines.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and len(node.body) <= 2:
+                body = [n for n in node.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+                assert not (len(body) == 1 and isinstance(body[0], ast.Raise)), f"{path.name}: {node.name} only raises"
+    classes = [("onnxruntime_engine", "OnnxRuntimeEngine"), ("onnxruntime_inflight", "InflightOnnxRuntimeEngine")]
+    if HAS_TORCH:
+        classes += [("torch_engine", "TorchEngine"), ("torch_inflight", "TorchInflightEngine")]
+    for module, name in classes:
+        cls = getattr(importlib.import_module(f"skipdeploy.engines.{module}"), name)
+        assert not inspect.isabstract(cls), cls
+
+
+def test_layer_weights_have_one_reader_for_torch_and_the_inflight_graphs(exports):
+    """The torch backend's tensors are exactly what families.weights reads (the family's names),
+    which the in-flight graphs are built from."""
+    from skipdeploy.families import for_model_type
+    from skipdeploy.families.weights import read_graph_weights, read_layer_weights
+    from skipdeploy.manifest import read_manifest
+
+    manifest = read_manifest(exports["tiny"], verify=False)
+    family = for_model_type(manifest.model.model_type)
+    layers = [read_layer_weights(manifest.layer_path(i), manifest.model) for i in range(manifest.model.num_layers)]
+    for weights in layers:
+        assert set(weights) <= set(family.LAYER_WEIGHTS) and set(family.REQUIRED_WEIGHTS) <= set(weights)
+    head = read_graph_weights(manifest.path("head"), manifest.model, "head")
+    embed = read_graph_weights(manifest.path("embed"), manifest.model, "embed")
+    assert "lm_head.weight" in head and set(head) <= set(family.HEAD_WEIGHTS)
+    assert "embed_tokens.weight" in embed and set(embed) <= set(family.EMBED_WEIGHTS)
+    skip_without("torch")
+    from skipdeploy.engines.torch_engine import TorchEngine
+
+    engine = TorchEngine(manifest)
+    for tensors, weights in zip(engine.layer_w, layers):
+        assert set(tensors) == set(weights) and all(np.array_equal(tensors[k].numpy(), weights[k]) for k in weights)
+    assert set(engine.head_w) == set(head) and set(engine.embed_w) == set(embed)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from skipdeploy import Schedule, ScheduleError, TableSchedule
-from skipdeploy.schedule import LayerSchedule, format_layers
+from skipdeploy.schedule import MAX_LAYERS, MAX_POSITIONS, LayerSchedule, format_layers
 
 
 def reference_top(max_l, min_l, T, s):
@@ -155,14 +155,38 @@ def test_target_speedup_matches_the_exhaustive_search_random(params):
     assert fast_target(L, k, T, w) == brute_force_target(L, k, T, w)
 
 
-@pytest.mark.parametrize("layers, decay, k", [(100_000, 64, 2), (100_000, 64, 3.7), (100_000, 64, 40_000),
-                                              (100_000, 2048, 1.5), (64, 2048, 2), (64, 2048, 3)])
+@pytest.mark.parametrize("layers, decay, k", [(MAX_LAYERS, 64, 2), (MAX_LAYERS, 64, 3.7), (MAX_LAYERS, 64, 400),
+                                              (MAX_LAYERS, MAX_POSITIONS, 1.5), (64, 2048, 2), (64, MAX_POSITIONS, 3)])
 def test_target_speedup_scales_to_many_layers_and_tokens(layers, decay, k):
     s = Schedule.target_speedup(layers, k, decay_tokens=decay)
     assert abs(s.layer_speedup(decay) - k) / k <= 0.05
     assert s.max_layers == layers or Schedule(layers, s.max_layers + 1, 1, decay).layer_speedup(decay) < k * 0.95
     with pytest.raises(ScheduleError, match="out of reach"):
-        Schedule.target_speedup(100_000, 10 ** 6, decay_tokens=64)
+        Schedule.target_speedup(MAX_LAYERS, 10 ** 6, decay_tokens=64)
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: Schedule(MAX_LAYERS + 1), f"num_layers must be <= {MAX_LAYERS}"),
+    (lambda: Schedule.full(10 ** 8), f"num_layers must be <= {MAX_LAYERS}"),
+    (lambda: Schedule.target_speedup(10 ** 8, 2), f"num_layers must be <= {MAX_LAYERS}"),
+    (lambda: Schedule(12, 8, 2, decay_tokens=MAX_POSITIONS + 1), f"decay_tokens must be <= {MAX_POSITIONS}"),
+    (lambda: Schedule.target_speedup(12, 2, decay_tokens=10 ** 8), f"decay_tokens must be <= {MAX_POSITIONS}"),
+    (lambda: TableSchedule(12, [3] * (MAX_POSITIONS + 1)), f"at most {MAX_POSITIONS} steps"),
+    (lambda: Schedule(12, 8, 2).mean_layers(10 ** 8), f"steps must be <= {MAX_POSITIONS}"),
+    (lambda: Schedule(12, 8, 2).layer_speedup(10 ** 8), f"steps must be <= {MAX_POSITIONS}"),
+])
+def test_sizes_beyond_what_a_model_has_are_refused_up_front(make, words):
+    with pytest.raises(ScheduleError, match=words):
+        make()
+
+
+def test_figures_at_the_bounds_are_closed_form():
+    # Summing MAX_POSITIONS steps one by one takes seconds; the closed form gives the same figure.
+    held = Schedule(MAX_LAYERS, 9, 5, decay_tokens=4, warmup_layers=2)
+    assert held.mean_layers(MAX_POSITIONS) == (sum(held.count(i) for i in range(4)) + (MAX_POSITIONS - 4) * 7) \
+        / MAX_POSITIONS
+    small = Schedule(12, 10, 2, decay_tokens=8, warmup_layers=3)
+    assert [small._layer_sum(n) for n in range(1, 14)] == [sum(small.count(i) for i in range(n)) for n in range(1, 14)]
 
 
 def test_layer_speedup_and_its_deprecated_name():

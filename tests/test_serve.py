@@ -26,9 +26,9 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
 import skipdeploy  # noqa: E402
-from skipdeploy.schedule_options import schedule_from_options  # noqa: E402
+from skipdeploy.request_params import schedule_from_options  # noqa: E402
 from skipdeploy.serving import openai_api as api  # noqa: E402
-from skipdeploy.serving.text import CompletionText  # noqa: E402
+from skipdeploy.runtime.text import CompletionText  # noqa: E402
 
 KEY = "sk-test-key"
 MODEL = "tiny-sd"
@@ -227,12 +227,13 @@ def test_errors_have_the_openai_body(server):
         ({"prompt": [2, 3], "max_tokens": 10**6}, 400, "max_tokens"),
         ({"prompt": long_prompt, "max_tokens": 1}, 400, "max_tokens"),
         ({"prompt": [2, 3], "max_tokens": "5"}, 400, "max_tokens"),
-        ({"prompt": "x", "temperature": 2.5}, 400, "temperature"),
+        ({"prompt": "x", "temperature": "1"}, 400, "temperature"),
         ({"prompt": "x", "temperature": -0.1}, 400, "temperature"),
         ({"prompt": "x", "top_p": 0}, 400, "top_p"),
         ({"prompt": "x", "top_p": 1.5}, 400, "top_p"),
         ({"prompt": "x", "skipdecode": {"speedup": 2}}, 400, "skipdecode"),
         ({"prompt": "x", "skipdecode": {"max_layers": 9}}, 400, "skipdecode"),
+        ({"prompt": "x", "skipdecode": {"max_layers": -1}}, 400, "skipdecode.max_layers"),
         ({"prompt": "x", "skipdecode": "fast"}, 400, "skipdecode"),
         ({"prompt": 5}, 400, "prompt"),
         ({"prompt": [1.5, 2]}, 400, "prompt"),
@@ -242,7 +243,7 @@ def test_errors_have_the_openai_body(server):
         ({"max_tokens": 3}, 400, "prompt"),
         ({"prompt": "x", "n": 0}, 400, "n"),
         ({"prompt": "x", "stream": "yes"}, 400, "stream"),
-        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"prompt": "x", "stop": ["a"] * 17}, 400, "stop"),
         ({"prompt": "x", "logprobs": 1}, 400, "logprobs"),
         ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ]
@@ -283,13 +284,12 @@ def test_metrics_count_what_happens(server):
 # -- a busy server: queue full, disconnects, drain -------------------------------------------------
 @pytest.fixture(scope="module")
 def long_export(tmp_path_factory):
-    """The tiny shape with 2048 positions: a request of 2000 tokens runs for seconds."""
-    from skipdeploy.random_checkpoint import make_checkpoint
+    """The tiny shape with 2048 positions: a request of 2000 tokens runs for seconds (random
+    weights written without torch: what runs here is the server, not the model's math)."""
+    from .numpy_export import random_export
 
-    root = tmp_path_factory.mktemp("long")
-    checkpoint = make_checkpoint(root / "checkpoint", "tiny", seed=2, weight_scale=3.0, max_position_embeddings=2048)
-    return skipdeploy.export(checkpoint, root / "export", progress=False, log=lambda m: None,
-                             check_graphs=False).directory
+    return random_export(tmp_path_factory.mktemp("long") / "export", "tiny", seed=2,
+                         overrides={"max_position_embeddings": 2048}).directory
 
 
 @pytest.fixture(scope="module")
@@ -378,9 +378,9 @@ def test_health_is_starting_until_the_engine_loads_and_failed_if_it_cannot():
 
 def test_parse_defaults_and_derived_seeds():
     params = api.parse_completion({"prompt": [1, 2], "seed": 7, "n": 2})
-    assert params.prompts == [[1, 2]] and params.max_tokens == 16 and params.temperature == 1.0
+    assert params.prompts == [[1, 2]] and params.max_tokens == 16 and params.sampling.temperature == 1.0
     assert [params.knobs(i)["seed"] for i in range(2)] == [7, 8]
-    assert api.parse_completion({"prompt": [[1], [2]], "temperature": 0}).temperature == 0.0
+    assert api.parse_completion({"prompt": [[1], [2]], "temperature": 0}).sampling.temperature == 0.0
     with pytest.raises(api.APIError, match="not supported"):
         api.parse_completion({"prompt": "x", "presence_penalty": 0.5})
 
@@ -424,3 +424,61 @@ def test_load_benchmark_runs_and_reports_its_ratios(exports, tmp_path):
     first = lambda key: rows[key]["tokens_per_s_rounds"][0]  # noqa: E731
     assert results["ratios"]["2x / full, continuous"] == pytest.approx(
         first(("2x", "server continuous, 2 clients")) / first(("full", "server continuous, 2 clients")))
+
+
+# -- refused before anything loads ------------------------------------------------------------------
+@pytest.mark.parametrize("args, words", [
+    (("--max-length", "100000"), "--max-length 100000 exceeds the export's limit of"),
+    (("--drain-timeout", "nan"), "--drain-timeout must be a finite number"),
+    (("--drain-timeout", "inf"), "--drain-timeout must be a finite number"),
+    (("--api-key", ""), "--api-key is empty"),
+])
+def test_serve_refuses_bad_values_up_front(exports, args, words):
+    from .conftest import run_cli
+
+    out = run_cli("serve", exports["tiny"], "--port", "0", *args)
+    assert out.exit_code == 1 and words in out.output and "Traceback" not in out.output, out.output
+    assert len(out.output.strip().splitlines()) == 1
+
+
+def test_create_app_refuses_an_empty_key_and_a_non_finite_drain_timeout():
+    from skipdeploy.serving.server import create_app
+
+    with pytest.raises(skipdeploy.SkipDeployError, match="api_key is empty"):
+        create_app(lambda observer: None, model_name="m", num_layers=4, api_key="")
+    with pytest.raises(skipdeploy.SkipDeployError, match="drain_timeout must be a finite number"):
+        create_app(lambda observer: None, model_name="m", num_layers=4, drain_timeout=float("nan"))
+
+
+def test_serving_a_checkpoint_says_to_export_it_first(checkpoints):
+    from .conftest import run_cli
+
+    out = run_cli("serve", checkpoints["tiny"])
+    assert out.exit_code == 1 and "is a model checkpoint, not an export" in out.output
+    assert f"skipdeploy export {checkpoints['tiny']} --out DIR" in out.output
+
+
+def test_a_port_in_use_is_reported_before_the_model_loads(exports):
+    from .conftest import run_cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        out = run_cli("serve", exports["tiny"], "--port", taken.getsockname()[1])
+    assert out.exit_code == 1 and "cannot listen on 127.0.0.1:" in out.output and "in use" in out.output
+    assert "ready: serving" not in out.output and len(out.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_ready_is_logged_once_loaded_and_chat_gets_a_json_404(exports, tmp_path):
+    srv = Server(exports["tiny"], "--log-level", "info", log_path=tmp_path / "server.log")
+    try:
+        log = srv.log()
+        assert "Uvicorn running" not in log
+        assert log.index(f"listening on http://127.0.0.1:{srv.port}") < log.index("ready: serving")
+        for method in ("POST", "GET"):
+            status, _, body = srv.call(method, "/v1/chat/completions", {"messages": []} if method == "POST" else None)
+            assert status == 404 and body["error"]["code"] == "not_found"
+            assert "only the completions API (POST /v1/completions" in body["error"]["message"]
+    finally:
+        assert srv.stop() == 0, srv.log()

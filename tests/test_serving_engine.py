@@ -19,6 +19,8 @@ from skipdeploy import Schedule, TableSchedule
 from skipdeploy.errors import CapacityError, InputError, ScheduleError
 from skipdeploy.serving import QueueFullError, ServingEngine
 
+from .conftest import Lazy, skip_without
+
 NEAR_TIE = 1e-4  # relative top-2 margin under which a flip is float rounding, not a bug
 
 SCHEDULES = {
@@ -60,8 +62,8 @@ def _check_against_solo(runtime, jobs, results):
 
 @pytest.fixture(scope="module")
 def engines(exports):
-    made = {backend: ServingEngine(exports["tiny"], backend=backend, max_batch=6, prefill_chunk=6)
-            for backend in ("onnxruntime", "torch")}
+    made = Lazy(lambda backend: skip_without(backend) or
+                ServingEngine(exports["tiny"], backend=backend, max_batch=6, prefill_chunk=6))
     yield made
     for engine in made.values():
         engine.shutdown()
@@ -193,6 +195,31 @@ def test_engine_options_are_checked(exports):
         ServingEngine(exports["tiny"], max_batch=4, memory_limit=1000)
     with pytest.raises(skipdeploy.BackendError, match="in-flight batching"):
         ServingEngine(exports["tiny"], backend="tensorrt")
+    with pytest.raises(InputError, match="memory_limit must be a number of bytes"):
+        ServingEngine(exports["tiny"], memory_limit=-1)
+
+
+def test_max_length_beyond_the_export_is_refused_not_cut(exports):
+    """A slot longer than the export was sized for used to be cut silently to the export's limit."""
+    from skipdeploy.manifest import read_manifest
+
+    limit = read_manifest(exports["tiny"], verify=False).max_length
+    with pytest.raises(InputError, match=rf"max_length must be an integer in \[2, {limit}\].*got {limit + 1}"):
+        ServingEngine(exports["tiny"], max_length=limit + 1, max_batch=1)
+    with pytest.raises(InputError, match="max_length must be an integer >= 2"):
+        ServingEngine(exports["tiny"], max_length=1, max_batch=1)
+
+
+def test_layers_per_token_counts_the_prompt_and_layers_per_step_does_not(engines, runtimes):
+    """Request.layers_per_token[i]: the forward that produced token i (0: the prompt's);
+    Request.layers_per_step: decode steps only, as GenerationResult.layers_per_step."""
+    schedule = SCHEDULES["2x"]
+    request = engines["onnxruntime"].submit([2, 5, 6], 6, schedule, eos_token_id=None)
+    result = request.result(timeout=60)
+    want = runtimes["tiny", "onnxruntime"].generate([[2, 5, 6]], 6, schedule, eos_token_id=None)
+    assert request.layers_per_token == [len(schedule.prompt_layers()), *want.layers_per_step]
+    assert request.layers_per_step == want.layers_per_step == result.layers_per_step
+    assert len(request.layers_per_token) == len(request.tokens) == 6
 
 
 def test_aligned_policy_admits_every_few_iterations_and_stays_exact(exports, runtimes):

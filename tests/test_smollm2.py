@@ -13,7 +13,7 @@ import pytest
 
 from .conftest import comparable_prefix, run_cli
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="the SmolLM2 tests export a checkpoint (pip install 'skipdeploy[export]')")
 pytest.importorskip("gguf", reason="GGUF input needs the gguf extra (pip install 'skipdeploy[gguf]')")
 
 import skipdeploy  # noqa: E402

@@ -1,8 +1,9 @@
 """Build the C library with cffi's embedding support: ``DIR/lib/libskipdeploy.so``, its header and
 its pkg-config file.
 
-The library's exported ``sd_*`` functions are C (``header.WRAPPERS``); they start an embedded
-Python interpreter on first use and call the ``extern "Python"`` functions of ``bridge.py``. It
+The library's exported ``sd_*`` functions are C, generated with the header from the table in
+``functions.py`` (``header.wrappers``); they start an embedded Python interpreter on first use
+and call the ``extern "Python"`` functions that ``bridge.install`` binds. It
 must run in a process with an empty environment (``env -i``), so the build bakes in the
 interpreter that runs it:
 
@@ -32,7 +33,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import SkipDeployError
-from .header import CDEF, PY_BASE, WRAPPERS, header
+from .functions import FUNCTIONS
+from .header import cdef, header, wrappers
 from .pkgconfig import pc_text
 
 MODULE = "_skipdeploy_capi"
@@ -113,6 +115,11 @@ def _wide_literal(text: str) -> str:
     return 'L"' + "".join(out) + '"'
 
 
+def version_script() -> str:
+    """The linker's version script: the table's functions are the library's only symbols."""
+    return "{ global: " + " ".join(f"{f.name};" for f in FUNCTIONS) + " local: *; };\n"
+
+
 def build_paths() -> list[str]:
     """The import paths baked into the library: skipdeploy's own parent first, then this
     process's absolute ``sys.path`` entries."""
@@ -149,13 +156,13 @@ def build(out: str | Path, force: bool = False, verbose: bool = False) -> BuildR
     text = header(__version__)
     init = (INIT_CODE.replace("@VERSION@", repr(sys.version)).replace("@PATHS@", repr(build_paths()))
             .replace("@EXECUTABLE@", repr(sys.executable)))
-    source = text + WRAPPERS.replace("@PY_BASE@", str(PY_BASE)).replace("@PROGRAM@", _wide_literal(sys.executable))
+    source = text + wrappers(_wide_literal(sys.executable))
     ffi = cffi.FFI()
-    ffi.cdef(CDEF)
+    ffi.cdef(cdef())
     ffi.embedding_init_code(init)
     with tempfile.TemporaryDirectory(prefix="skipdeploy-capi-") as tmp:
         script = Path(tmp) / "exports.map"
-        script.write_text("{ global: sd_*; local: *; };\n")  # export the C API and nothing else
+        script.write_text(version_script())
         ffi.set_source(MODULE, source, library_dirs=[libdir],
                        extra_compile_args=["-Wno-unused-function"],
                        extra_link_args=[f"-L{libdir}", "-Wl,--disable-new-dtags", f"-Wl,-rpath,{libdir}",

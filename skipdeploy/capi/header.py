@@ -1,21 +1,32 @@
-"""The C API's text: the public header users include, and the C that the cffi build compiles.
+"""The C API's text, generated from the table in ``functions.py``: the public header users
+include, cffi's declarations, and the C that the cffi build compiles.
 
-``HEADER`` is written to ``DIR/include/skipdeploy.h``. ``CDEF`` declares, for cffi, the
-functions implemented in Python (``extern "Python"``, in ``bridge.py``) and the C helpers Python
-calls. ``WRAPPERS`` implements the exported ``sd_*`` functions in C: they check pointers, start
-the embedded interpreter, and never report ``SD_OK`` unless the Python side really ran and said
-so (a cffi ``extern "Python"`` function returns 0 when Python could not start; ours return
-``SD_PY_BASE + status`` instead, and anything else becomes ``SD_ERR_INTERNAL``).
+``header(version)`` is written to ``DIR/include/skipdeploy.h``: the documented contract, with the
+doc comments of ``functions.FUNCTIONS``. ``cdef()`` declares, for cffi, the functions implemented in
+Python (``extern "Python"``, bound by ``binding.py``) and the C helpers Python calls.
+``wrappers(program)`` implements the exported ``sd_*`` functions in C: they check pointers (by
+each parameter's role), start the embedded interpreter, and never report ``SD_OK`` unless the
+Python side really ran and said so (a cffi ``extern "Python"`` function returns 0 when Python could
+not start; ours return ``PY_BASE + status`` instead, and anything else becomes ``SD_ERR_INTERNAL``).
 """
 
 from __future__ import annotations
 
-HEADER = r"""/* skipdeploy.h: the C API of skipdeploy @VERSION@ (SkipDecode OPT models, in-flight batching).
+import textwrap
+
+from .functions import FUNCTIONS, PYTHON_FUNCTIONS, TYPEDEFS, Function
+from .status import PY_BASE, Status
+
+WIDTH = 110
+
+HEAD = r"""/* skipdeploy.h: the C API of skipdeploy @VERSION@ (SkipDecode OPT models, in-flight batching).
  *
  * Link with `pkg-config --cflags --libs skipdeploy`. Every function is safe to call from many
  * threads at once; concurrent generations on one sd_runtime are batched by its in-flight engine.
  * Functions that return sd_status never abort the process: on failure sd_last_error() says why,
  * in one line. See docs/c-api.md for the JSON keys of options_json and params_json.
+ *
+ * Generated from skipdeploy/capi/functions.py: edit the table there, not this file.
  */
 #ifndef SKIPDEPLOY_H
 #define SKIPDEPLOY_H
@@ -28,112 +39,27 @@ extern "C" {
 #endif
 
 #define SKIPDEPLOY_VERSION "@VERSION@"
+"""
 
-/* A loaded export and its engine (an opaque handle, not a pointer to memory). */
-typedef struct sd_runtime sd_runtime;
-
-typedef enum {
-    SD_OK = 0,
-    SD_ERR_INPUT = 1,     /* bad argument: NULL pointer, bad JSON, unknown key, token id outside the
-                             vocabulary, empty prompt, bad schedule, freed handle */
-    SD_ERR_CAPACITY = 2,  /* does not fit: prompt + new tokens > max_length, queue full, memory */
-    SD_ERR_EXPORT = 3,    /* sd_load: export missing, damaged or unsupported; backend unavailable */
-    SD_ERR_BUFFER = 4,    /* out_capacity too small: *out_len says how much is needed */
-    SD_ERR_INTERNAL = 5   /* anything else, including an embedded Python that failed to start */
-} sd_status;
-
-/* Called once per generated token, in order, on the calling thread; return non-zero to stop
- * (the request is cancelled and sd_generate_stream returns SD_OK). */
-typedef int (*sd_token_fn)(int64_t token, void *user);
-
-/* The library's version, e.g. "0.1.0" (never NULL, needs no initialisation). */
-const char *sd_version(void);
-
-/* "SD_OK", "SD_ERR_INPUT", ... ("SD_UNKNOWN" for other values). */
-const char *sd_status_name(sd_status status);
-
-/* Load an export directory and start its engine. options_json: NULL or a JSON object with
- * backend ("onnxruntime" or "torch"), device ("cpu"), threads, memory_limit (bytes),
- * check_files (verify sha256, default true), max_batch (16), max_queue (64), max_length,
- * prefill_chunk (64). On success *out is the handle; on failure *out is NULL. */
-sd_status sd_load(const char *export_dir, const char *options_json, sd_runtime **out);
-
-/* Generate from prompt token ids. params_json: NULL (the export's schedule, greedy, 32 new
- * tokens) or a JSON object with max_new_tokens, target_speedup or max_layers / min_layers /
- * warmup_layers / decay_tokens / prompt_layers (or full, table), temperature, top_k, top_p,
- * repetition_penalty, seed, stop (a string or a list of strings), stop_token_ids, ignore_eos.
- * Writes the generated ids (up to and including EOS; not the prompt) to out and their number
- * to *out_len. If out_capacity is too small: SD_ERR_BUFFER, *out_len is the number needed and
- * out holds the first out_capacity ids (out may be NULL when out_capacity is 0). */
-sd_status sd_generate(sd_runtime *rt, const int64_t *prompt, size_t prompt_len, const char *params_json,
-                      int64_t *out, size_t out_capacity, size_t *out_len);
-
-/* As sd_generate, but calls fn(token, user) for each token as soon as it is generated. */
-sd_status sd_generate_stream(sd_runtime *rt, const int64_t *prompt, size_t prompt_len, const char *params_json,
-                             sd_token_fn fn, void *user);
-
-/* Text in, text out (UTF-8; needs an export with a tokenizer). Writes the generated text
- * (without the prompt) NUL-terminated to out and its length in bytes, WITHOUT the NUL, to
- * *out_len: out_capacity must be at least *out_len + 1. If it is smaller: SD_ERR_BUFFER,
- * *out_len is still the text's length (allocate *out_len + 1 bytes) and out holds a
- * NUL-terminated prefix cut at a character boundary. An empty prompt is SD_ERR_INPUT. */
-sd_status sd_generate_text(sd_runtime *rt, const char *prompt, const char *params_json,
-                           char *out, size_t out_capacity, size_t *out_len);
-
-/* The token ids of a text (as sd_generate_text would feed them: with the BOS token). Buffer
- * rules as sd_generate. */
-sd_status sd_tokenize(sd_runtime *rt, const char *text, int64_t *out, size_t out_capacity, size_t *out_len);
-
-/* The text of token ids. Buffer rules as sd_generate_text. */
-sd_status sd_detokenize(sd_runtime *rt, const int64_t *ids, size_t ids_len, char *out, size_t out_capacity,
-                        size_t *out_len);
-
-/* A JSON object describing the runtime: version, export, num_layers, vocab_size, max_length,
- * eos_token_id, bos_token_id, pad_token_id, has_tokenizer, schedule, max_batch, max_queue,
- * backend. Buffer rules as sd_generate_text. */
-sd_status sd_runtime_info(sd_runtime *rt, char *out, size_t out_capacity, size_t *out_len);
-
-/* The message of this thread's last call that failed ("" after a call that succeeded); valid
- * until this thread's next call into the library. Never NULL. */
-const char *sd_last_error(void);
-
-/* Stop the engine (running generations finish first) and release the runtime. NULL is a no-op.
- * Call it once, after every call on rt has returned; rt is invalid afterwards. */
-void sd_free(sd_runtime *rt);
-
-#ifdef __cplusplus
+TAIL = r"""#ifdef __cplusplus
 }
 #endif
 
 #endif /* SKIPDEPLOY_H */
 """
 
-# Offset of the statuses the Python side returns: a cffi ``extern "Python"`` function returns 0
-# when the interpreter cannot run it, and 0 must never read as SD_OK.
-PY_BASE = 0x5D00
-
-CDEF = r"""
-typedef struct sd_runtime sd_runtime;
-typedef int (*sd_token_fn)(int64_t token, void *user);
-
-extern "Python" int _sdpy_load(const char *, const char *, sd_runtime **);
-extern "Python" int _sdpy_generate(sd_runtime *, const int64_t *, size_t, const char *, int64_t *, size_t, size_t *);
-extern "Python" int _sdpy_stream(sd_runtime *, const int64_t *, size_t, const char *, sd_token_fn, void *);
-extern "Python" int _sdpy_text(sd_runtime *, const char *, const char *, char *, size_t, size_t *);
-extern "Python" int _sdpy_tokenize(sd_runtime *, const char *, int64_t *, size_t, size_t *);
-extern "Python" int _sdpy_detokenize(sd_runtime *, const int64_t *, size_t, char *, size_t, size_t *);
-extern "Python" int _sdpy_info(sd_runtime *, char *, size_t, size_t *);
-extern "Python" int _sdpy_free(sd_runtime *);
-
+# The C helpers the Python side calls (defined in RUNTIME).
+HELPERS_CDEF = r"""
 void _sd_set_error(const char *message);
 void _sd_set_ready(void);
 void _sd_set_init_error(const char *message);
 int _sd_embedded(void);
 """
 
-# C compiled into the library after HEADER. @PROGRAM@ is the interpreter's path as a wide
-# string literal, @PY_BASE@ the offset above.
-WRAPPERS = r"""
+# C compiled into the library after the header and before the wrappers: the per-thread error,
+# the interpreter's start-up and the check of what the Python side returned. @PROGRAM@ is the
+# interpreter's path as a wide string literal.
+RUNTIME = r"""
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -144,14 +70,6 @@ WRAPPERS = r"""
 
 /* Defined further down by cffi; documented as callable from set_source() code. */
 static int cffi_start_python(void);
-static int _sdpy_load(const char *, const char *, sd_runtime **);
-static int _sdpy_generate(sd_runtime *, const int64_t *, size_t, const char *, int64_t *, size_t, size_t *);
-static int _sdpy_stream(sd_runtime *, const int64_t *, size_t, const char *, sd_token_fn, void *);
-static int _sdpy_text(sd_runtime *, const char *, const char *, char *, size_t, size_t *);
-static int _sdpy_tokenize(sd_runtime *, const char *, int64_t *, size_t, size_t *);
-static int _sdpy_detokenize(sd_runtime *, const int64_t *, size_t, char *, size_t, size_t *);
-static int _sdpy_info(sd_runtime *, char *, size_t, size_t *);
-static int _sdpy_free(sd_runtime *);
 
 static __thread char sd_error[SD_ERROR_SIZE];   /* this thread's last failure */
 static volatile int sd_ready = 0;               /* set by the init code once the bridge is installed */
@@ -238,150 +156,142 @@ static int sd_start(const char *fn)
 /* A status from the Python side, which adds SD_PY_BASE: anything else means it did not run. */
 static sd_status sd_result(const char *fn, int raw)
 {
-    if (raw >= SD_PY_BASE + SD_OK && raw <= SD_PY_BASE + SD_ERR_INTERNAL)
+    if (raw >= SD_PY_BASE + SD_OK && raw <= SD_PY_BASE + @MAX_STATUS@)
         return (sd_status)(raw - SD_PY_BASE);
     return sd_fail(SD_ERR_INTERNAL, "%s: the Python side did not run (got %d)", fn, raw);
-}
-
-#define SD_NEED(ptr, fn, what) \
-    do { if ((ptr) == NULL) return sd_fail(SD_ERR_INPUT, "%s: %s is NULL", fn, what); } while (0)
-#define SD_NEED_RT(rt, fn) \
-    do { if ((rt) == NULL) return sd_fail(SD_ERR_INPUT, "%s: rt is NULL (get one from sd_load)", fn); } while (0)
-#define SD_NEED_BUFFER(out, cap, fn) \
-    do { if ((out) == NULL && (cap) != 0) \
-        return sd_fail(SD_ERR_INPUT, "%s: out is NULL but out_capacity is %zu", fn, (size_t)(cap)); } while (0)
-
-const char *sd_version(void) { return SKIPDEPLOY_VERSION; }
-
-const char *sd_status_name(sd_status status)
-{
-    switch (status) {
-    case SD_OK: return "SD_OK";
-    case SD_ERR_INPUT: return "SD_ERR_INPUT";
-    case SD_ERR_CAPACITY: return "SD_ERR_CAPACITY";
-    case SD_ERR_EXPORT: return "SD_ERR_EXPORT";
-    case SD_ERR_BUFFER: return "SD_ERR_BUFFER";
-    case SD_ERR_INTERNAL: return "SD_ERR_INTERNAL";
-    }
-    return "SD_UNKNOWN";
-}
-
-const char *sd_last_error(void) { return sd_error; }
-
-sd_status sd_load(const char *export_dir, const char *options_json, sd_runtime **out)
-{
-    sd_error[0] = '\0';
-    SD_NEED(out, "sd_load", "out");
-    *out = NULL;
-    SD_NEED(export_dir, "sd_load", "export_dir");
-    if (!sd_start("sd_load"))
-        return SD_ERR_INTERNAL;
-    sd_status status = sd_result("sd_load", _sdpy_load(export_dir, options_json, out));
-    if (status != SD_OK)
-        *out = NULL;
-    else if (*out == NULL)
-        return sd_fail(SD_ERR_INTERNAL, "sd_load: no handle was made");
-    return status;
-}
-
-sd_status sd_generate(sd_runtime *rt, const int64_t *prompt, size_t prompt_len, const char *params_json,
-                      int64_t *out, size_t out_capacity, size_t *out_len)
-{
-    sd_error[0] = '\0';
-    SD_NEED(out_len, "sd_generate", "out_len");
-    *out_len = 0;
-    SD_NEED_RT(rt, "sd_generate");
-    if (prompt == NULL && prompt_len != 0)
-        return sd_fail(SD_ERR_INPUT, "sd_generate: prompt is NULL but prompt_len is %zu", prompt_len);
-    SD_NEED_BUFFER(out, out_capacity, "sd_generate");
-    if (!sd_start("sd_generate"))
-        return SD_ERR_INTERNAL;
-    return sd_result("sd_generate", _sdpy_generate(rt, prompt, prompt_len, params_json, out, out_capacity, out_len));
-}
-
-sd_status sd_generate_stream(sd_runtime *rt, const int64_t *prompt, size_t prompt_len, const char *params_json,
-                             sd_token_fn fn, void *user)
-{
-    sd_error[0] = '\0';
-    SD_NEED_RT(rt, "sd_generate_stream");
-    if (prompt == NULL && prompt_len != 0)
-        return sd_fail(SD_ERR_INPUT, "sd_generate_stream: prompt is NULL but prompt_len is %zu", prompt_len);
-    SD_NEED(fn, "sd_generate_stream", "fn");
-    if (!sd_start("sd_generate_stream"))
-        return SD_ERR_INTERNAL;
-    return sd_result("sd_generate_stream", _sdpy_stream(rt, prompt, prompt_len, params_json, fn, user));
-}
-
-sd_status sd_generate_text(sd_runtime *rt, const char *prompt, const char *params_json,
-                           char *out, size_t out_capacity, size_t *out_len)
-{
-    sd_error[0] = '\0';
-    SD_NEED(out_len, "sd_generate_text", "out_len");
-    *out_len = 0;
-    if (out != NULL && out_capacity > 0)
-        out[0] = '\0';
-    SD_NEED_RT(rt, "sd_generate_text");
-    SD_NEED(prompt, "sd_generate_text", "prompt");
-    SD_NEED_BUFFER(out, out_capacity, "sd_generate_text");
-    if (!sd_start("sd_generate_text"))
-        return SD_ERR_INTERNAL;
-    return sd_result("sd_generate_text", _sdpy_text(rt, prompt, params_json, out, out_capacity, out_len));
-}
-
-sd_status sd_tokenize(sd_runtime *rt, const char *text, int64_t *out, size_t out_capacity, size_t *out_len)
-{
-    sd_error[0] = '\0';
-    SD_NEED(out_len, "sd_tokenize", "out_len");
-    *out_len = 0;
-    SD_NEED_RT(rt, "sd_tokenize");
-    SD_NEED(text, "sd_tokenize", "text");
-    SD_NEED_BUFFER(out, out_capacity, "sd_tokenize");
-    if (!sd_start("sd_tokenize"))
-        return SD_ERR_INTERNAL;
-    return sd_result("sd_tokenize", _sdpy_tokenize(rt, text, out, out_capacity, out_len));
-}
-
-sd_status sd_detokenize(sd_runtime *rt, const int64_t *ids, size_t ids_len, char *out, size_t out_capacity,
-                        size_t *out_len)
-{
-    sd_error[0] = '\0';
-    SD_NEED(out_len, "sd_detokenize", "out_len");
-    *out_len = 0;
-    if (out != NULL && out_capacity > 0)
-        out[0] = '\0';
-    SD_NEED_RT(rt, "sd_detokenize");
-    if (ids == NULL && ids_len != 0)
-        return sd_fail(SD_ERR_INPUT, "sd_detokenize: ids is NULL but ids_len is %zu", ids_len);
-    SD_NEED_BUFFER(out, out_capacity, "sd_detokenize");
-    if (!sd_start("sd_detokenize"))
-        return SD_ERR_INTERNAL;
-    return sd_result("sd_detokenize", _sdpy_detokenize(rt, ids, ids_len, out, out_capacity, out_len));
-}
-
-sd_status sd_runtime_info(sd_runtime *rt, char *out, size_t out_capacity, size_t *out_len)
-{
-    sd_error[0] = '\0';
-    SD_NEED(out_len, "sd_runtime_info", "out_len");
-    *out_len = 0;
-    if (out != NULL && out_capacity > 0)
-        out[0] = '\0';
-    SD_NEED_RT(rt, "sd_runtime_info");
-    SD_NEED_BUFFER(out, out_capacity, "sd_runtime_info");
-    if (!sd_start("sd_runtime_info"))
-        return SD_ERR_INTERNAL;
-    return sd_result("sd_runtime_info", _sdpy_info(rt, out, out_capacity, out_len));
-}
-
-void sd_free(sd_runtime *rt)
-{
-    sd_error[0] = '\0';
-    if (rt == NULL || !sd_start("sd_free"))
-        return;
-    (void)sd_result("sd_free", _sdpy_free(rt));
 }
 """
 
 
-def header(version: str) -> str:
+def comment(doc: str, indent: str = "") -> list[str]:
+    """``doc`` as a C block comment, wrapped to the header's width."""
+    lines = textwrap.wrap(doc, WIDTH - len(indent) - 8) or [""]
+    out = [f"{indent}/* {lines[0]}"] + [f"{indent} * {line}" for line in lines[1:]]
+    out[-1] += " */"
+    return out
+
+
+def _declarator(ctype: str, name: str) -> str:
+    return f"{ctype}{'' if ctype.endswith('*') else ' '}{name}"
+
+
+def prototype(f: Function, name: str | None = None, returns: str | None = None, semicolon: bool = True,
+              width: int = WIDTH) -> str:
+    """``f``'s C prototype, its parameters wrapped under the opening parenthesis."""
+    opening = _declarator(returns or f.returns, name or f.name) + "("
+    params = [p.decl for p in f.params] or ["void"]
+    lines, line = [], opening
+    for i, decl in enumerate(params):
+        piece = decl + (", " if i < len(params) - 1 else ")" + (";" if semicolon else ""))
+        if len(line + piece.rstrip()) > width and line != opening:
+            lines.append(line.rstrip())
+            line = " " * len(opening)
+        line += piece
+    return "\n".join(lines + [line])
+
+
+def status_enum() -> list[str]:
+    out = ["typedef enum {"]
+    last = max(Status)
+    for s in Status:
+        item = f"    {s.name} = {int(s)}{'' if s is last else ','}"
+        if not s.doc:
+            out.append(item)
+            continue
+        pad = " " * 26
+        lines = textwrap.wrap(s.doc, WIDTH - len(pad) - 6)
+        out.append(f"{item.ljust(len(pad) - 1)} /* {lines[0]}" + (" */" if len(lines) == 1 else ""))
+        out += [f"{pad}   {line}" for line in lines[1:]]
+        if len(lines) > 1:
+            out[-1] += " */"
+    return out + ["} sd_status;"]
+
+
+def header(version: str, functions: tuple[Function, ...] = FUNCTIONS) -> str:
     """The public header for library version ``version``."""
-    return HEADER.replace("@VERSION@", version)
+    body = []
+    for t in TYPEDEFS:
+        body += [*comment(t.doc), t.decl, ""]
+    body += [*status_enum(), ""]
+    for f in functions:
+        body += [*comment(f.doc), prototype(f), ""]
+    return HEAD.replace("@VERSION@", version) + "\n" + "\n".join(body) + "\n" + TAIL
+
+
+def cdef(functions: tuple[Function, ...] = PYTHON_FUNCTIONS) -> str:
+    """cffi's declarations: the types, one ``extern "Python"`` function per function that runs
+    Python (its parameters are the exported function's), and the C helpers."""
+    types = "\n".join(t.decl for t in TYPEDEFS)
+    externs = "\n".join('extern "Python" ' + prototype(f, f.extern, "int", width=10**4) for f in functions)
+    return f"\n{types}\n\n{externs}\n{HELPERS_CDEF}"
+
+
+# -- the C wrappers ----------------------------------------------------------------------------------
+
+def _fail(f: Function, status: str, message: str, *args: str) -> str:
+    call = "sd_fail(" + ", ".join([status, f'"{f.name}: {message}"', *args]) + ")"
+    return f"return {call};" if f.returns != "void" else f"{{ (void){call}; return; }}"
+
+
+def _checks(f: Function) -> list[str]:
+    """The C statements that check ``f``'s arguments, in the order the contract promises:
+    outputs are reset first (so that a failure never leaves stale values), then each input in
+    order, then the output buffer."""
+    params = list(f.params)
+    after = {p.name: params[i + 1] for i, p in enumerate(params[:-1])}
+    first, inputs, last = [], [], []
+    for p in params:
+        if p.role == "out_len":
+            first[:0] = [f"if ({p.name} == NULL)", "    " + _fail(f, "SD_ERR_INPUT", f"{p.name} is NULL"),
+                         f"*{p.name} = 0;"]
+        elif p.role == "handle_out":
+            first += [f"if ({p.name} == NULL)", "    " + _fail(f, "SD_ERR_INPUT", f"{p.name} is NULL"),
+                      f"*{p.name} = NULL;"]
+        elif p.role == "text_out":
+            first += [f"if ({p.name} != NULL && {after[p.name].name} > 0)", f"    {p.name}[0] = '\\0';"]
+        if p.role in ("ids_out", "text_out"):
+            cap = after[p.name].name
+            last += [f"if ({p.name} == NULL && {cap} != 0)",
+                     "    " + _fail(f, "SD_ERR_INPUT", f"{p.name} is NULL but {cap} is %zu", f"(size_t){cap}")]
+        elif p.role == "rt":
+            inputs += [f"if ({p.name} == NULL)", "    return;" if f.returns == "void" else
+                       "    " + _fail(f, "SD_ERR_INPUT", f"{p.name} is NULL (get one from sd_load)")]
+        elif p.role == "ids":
+            n = after[p.name].name
+            inputs += [f"if ({p.name} == NULL && {n} != 0)",
+                       "    " + _fail(f, "SD_ERR_INPUT", f"{p.name} is NULL but {n} is %zu", f"(size_t){n}")]
+        elif p.role in ("path", "text", "callback"):
+            inputs += [f"if ({p.name} == NULL)", "    " + _fail(f, "SD_ERR_INPUT", f"{p.name} is NULL")]
+    return first + inputs + last
+
+
+def wrapper(f: Function) -> str:
+    """The C definition of exported function ``f``."""
+    if f.c_body is not None:
+        return f"{prototype(f, semicolon=False)}\n{{\n{f.c_body}}}\n"
+    call = f'sd_result("{f.name}", {f.extern}({", ".join(p.name for p in f.params)}))'
+    lines = ["sd_error[0] = '\\0';", *_checks(f)]
+    if f.returns == "void":
+        lines += [f'if (!sd_start("{f.name}"))', "    return;", f"(void){call};"]
+    else:
+        lines += [f'if (!sd_start("{f.name}"))', "    return SD_ERR_INTERNAL;"]
+        out = f.role("handle_out")
+        if out is None:
+            lines.append(f"return {call};")
+        else:
+            lines += [f"sd_status status = {call};", "if (status != SD_OK)", f"    *{out.name} = NULL;",
+                      f"else if (*{out.name} == NULL)",
+                      "    " + _fail(f, "SD_ERR_INTERNAL", "no handle was made"), "return status;"]
+    body = "".join(f"    {line}\n" for line in lines)
+    return f"{prototype(f, semicolon=False)}\n{{\n{body}}}\n"
+
+
+def wrappers(program: str, functions: tuple[Function, ...] = FUNCTIONS) -> str:
+    """The C of the library after the header: the runtime, then one wrapper per function.
+    ``program`` is the interpreter's path as a C wide string literal."""
+    declared = "".join(f"static {prototype(f, f.extern, 'int', width=10**4)}\n" for f in functions
+                       if f.method is not None)
+    runtime = (RUNTIME.replace("@PY_BASE@", str(PY_BASE)).replace("@MAX_STATUS@", max(Status).name)
+               .replace("@PROGRAM@", program))
+    return runtime + "\n/* Defined further down by cffi (the extern \"Python\" functions). */\n" + declared + \
+        "\n" + "\n".join(wrapper(f) for f in functions)

@@ -188,7 +188,7 @@ def one_process(export: str | Path, lib_dir: str | Path, calls: int, tokens: int
     from .bridge import BRIDGE, parse_params
 
     try:
-        engine = BRIDGE.handle(rt.value).engine  # the engine the library made, in this interpreter
+        engine = BRIDGE.handle(rt.value).serving  # the engine the library made, in this interpreter
         params = json.dumps({"max_new_tokens": tokens, "ignore_eos": True})
         ids, out, n = (ctypes.c_int64 * len(PROMPT))(*PROMPT), (ctypes.c_int64 * 4096)(), ctypes.c_size_t()
         raw = params.encode()

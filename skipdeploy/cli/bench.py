@@ -6,14 +6,16 @@ import json
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from ..bench import BenchError, format_table, plot, run_bench
 from ..errors import InputError
+from ..schedule import Schedule, TargetOutOfReach
 from .options import AliasedOption, comma_list, json_option, max_new_tokens_option
 
 
 @click.command("bench")
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", metavar="EXPORT", type=click.Path(path_type=Path))
 @click.option("--batch-sizes", default="1,8", show_default=True, metavar="N,N,...", help="Batch sizes to measure.")
 @click.option("--target-speedup", cls=AliasedOption, hidden_aliases=("--target-speedups",), default="2,3,5",
               show_default=True, metavar="K,K,...",
@@ -66,6 +68,8 @@ def command(directory: Path, batch_sizes: str, target_speedup: str, prompt_lengt
           --quantize int8 --output bench.json --plot bench.png
     """
     targets = comma_list(target_speedup, "--target-speedup") if target_speedup.strip() else []
+    given = click.get_current_context().get_parameter_source("target_speedup") != ParameterSource.DEFAULT
+    targets = _reachable(directory, targets, decay_tokens or max(1, max_new_tokens - 1), given)
     for option, path in (("--output", output), ("--plot", plot_path)):  # before minutes of measuring
         if path is not None and not path.expanduser().resolve().parent.is_dir():
             raise InputError(f"{option} {path}: the directory {path.expanduser().resolve().parent} does not exist")
@@ -88,3 +92,27 @@ def command(directory: Path, batch_sizes: str, target_speedup: str, prompt_lengt
         click.echo(f"plot written to {plot_path}", err=True)
     if failure is not None:
         raise click.ClickException(str(failure))
+
+
+def _reachable(directory: Path, targets: list[float], decay: int, given: bool) -> list[float]:
+    """The targets a schedule can meet over the steps measured: an unreachable default is left out
+    (with a note), an unreachable given one is refused naming what bench can change, before any
+    measurement."""
+    from ..manifest import read_manifest
+
+    if not any(k > 1 for k in targets):
+        return targets  # k <= 1 is run_bench's to refuse
+    num_layers = read_manifest(directory, verify=False).model.num_layers
+    kept = []
+    for k in targets:
+        try:
+            if k > 1:
+                Schedule.target_speedup(num_layers, float(k), decay_tokens=decay)
+        except TargetOutOfReach as exc:
+            if given:
+                raise InputError(exc.describe(None, None) + "; lower --target-speedup, or measure more decode "
+                                 "steps (--max-new-tokens, --decay-tokens)") from None
+            click.echo(f"note: {exc.describe(None, None)}; left out of the default --target-speedup", err=True)
+            continue
+        kept.append(k)
+    return kept

@@ -8,7 +8,7 @@ import click
 
 
 @click.command("build-engines")
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", metavar="EXPORT", type=click.Path(path_type=Path))
 @click.option("--max-batch", type=click.IntRange(min=1), help="Largest batch [default: the export's --max-batch].")
 @click.option("--max-length", type=click.IntRange(min=1), help="Longest prompt + generation [default: the export's, "
               "at most 2048].")
@@ -17,7 +17,7 @@ import click
 @click.option("--force", is_flag=True, help="Rebuild even when engines for this machine are up to date.")
 def command(directory: Path, max_batch: int | None, max_length: int | None, max_prompt: int | None,
             opt_batch: int | None, force: bool) -> None:
-    """Build TensorRT engines (one per graph) for this GPU into DIR/engines.
+    """Build TensorRT engines (one per graph) for this GPU into EXPORT/engines.
 
     Engines are keyed by GPU, compute capability, TensorRT version, dtype and profile: the
     runtime refuses engines built elsewhere and says to run this command. fp16 engines come

@@ -10,7 +10,7 @@ from .options import json_option
 
 
 @click.command("capi")
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+@click.option("--out", "-o", "out", required=True, type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
               help="Where to write lib/libskipdeploy.so, include/skipdeploy.h and lib/pkgconfig/skipdeploy.pc.")
 @click.option("--force", is_flag=True, help="Replace an earlier build in DIR.")
 @click.option("--verbose", is_flag=True, help="Show the compiler's commands.")

@@ -11,7 +11,8 @@ from .options import max_new_tokens_option
 
 @click.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where to write the checkpoint and the export [default: a temporary directory].")
+              help="Where to write the checkpoint and the export, kept afterwards [default: a temporary "
+              "directory, removed at the end].")
 @click.option("--prompt", help="Prompt [default: the start of a Python class; random model: 'def greet(name):'].")
 @max_new_tokens_option(None, help="Tokens to generate [default: 64; random model: 24].")
 @click.option("--target-speedup", type=float, metavar="K", help="SkipDecode layer speedup [default: 3; random "

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
 
+from ..errors import InputError
 from .options import comma_list
 
 
@@ -25,13 +27,15 @@ from .options import comma_list
 @click.option("--prompt-layers", type=click.Choice(["full", "schedule"]), help="Layers run over the context.")
 @click.option("--full", is_flag=True, help="Train with the full schedule (plain language-model training).")
 @click.option("--steps", type=click.IntRange(min=1), default=500, show_default=True, help="Optimizer steps.")
-@click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (AdamW, cosine decay).")
-@click.option("--warmup-steps", type=int, default=0, show_default=True, help="Linear learning-rate warm-up.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-4, show_default=True,
+              help="Peak learning rate (AdamW, cosine decay).")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Linear learning-rate warm-up.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Sequences per step.")
-@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per training sequence.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per training sequence.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the data order, the context lengths and the schedule draws.")
-@click.option("--save-every", type=int, default=100, show_default=True, help="Steps between resumable saves.")
+@click.option("--save-every", type=click.IntRange(min=1), default=100, show_default=True, help="Steps between resumable saves.")
 @click.option("--force", is_flag=True, help="Start over even if --out holds a fine-tune.")
 def command(model: str, data: tuple[str, ...], out: Path, target_speedup: str | None, max_layers, min_layers,
                      warmup_layers, decay_tokens, prompt_layers, full: bool, steps: int, lr: float,
@@ -47,6 +51,8 @@ def command(model: str, data: tuple[str, ...], out: Path, target_speedup: str | 
     from ..exporter.checkpoint import load_config
     from ..training.finetune import FinetuneConfig, default_decay_tokens, finetune, schedules_from_options
 
+    if not math.isfinite(lr):  # click's range lets nan and inf through
+        raise InputError(f"--lr must be a finite number > 0 (got {lr})")
     speedups = comma_list(target_speedup, "--target-speedup")
     if full and (speedups or max_layers or min_layers):
         raise click.UsageError("--full excludes --target-speedup/--max-layers/--min-layers")

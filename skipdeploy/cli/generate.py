@@ -7,12 +7,13 @@ from pathlib import Path
 
 import click
 
-from .options import (backend_options, comma_list, engine_options, json_option, max_new_tokens_option,
-                      pop_generation_knobs, pop_schedule_options, sampling_options, schedule_from, schedule_options)
+from ..runtime.text import CompletionText
+from .options import (backend_options, comma_list, engine_options, json_option, max_new_tokens_option, pop_request,
+                      sampling_options, schedule_options)
 
 
 @click.command("generate")
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", metavar="EXPORT", type=click.Path(path_type=Path))
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT", help="A text prompt (repeat for a batch).")
 @click.option("--input-ids", "input_ids", multiple=True, metavar="1,2,3",
               help="A prompt as comma-separated token ids (repeat for a batch).")
@@ -39,10 +40,10 @@ def command(directory: Path, prompts: tuple[str, ...], input_ids: tuple[str, ...
         raise click.UsageError("give either --prompt or --input-ids (each may be repeated)")
     if stream and len(prompts) + len(input_ids) != 1:
         raise click.UsageError("--stream prints one prompt; give a single --prompt or --input-ids")
-    knobs = pop_generation_knobs(kwargs)
+    request = pop_request(kwargs, max_new_tokens)
     runtime = load(directory, **engine_options(backend, device, threads))
-    sched = schedule_from(pop_schedule_options(kwargs), runtime.spec.num_layers, runtime.manifest.schedule,
-                          max_new_tokens - 1)
+    sched = request.schedule_for(runtime.spec.num_layers, runtime.manifest.schedule)
+    knobs = request.knobs()
     rows = [runtime.tokenizer.encode(p) for p in prompts] if prompts else \
         [comma_list(v, "--input-ids", int, allow_empty=True) for v in input_ids]  # empty: the runtime names the prompt
     has_text = runtime.manifest.tokenizer_path is not None
@@ -50,8 +51,8 @@ def command(directory: Path, prompts: tuple[str, ...], input_ids: tuple[str, ...
         result = _stream(runtime, rows[0], max_new_tokens, sched, knobs, as_json)
     else:
         result = runtime.generate(rows, max_new_tokens, sched, **knobs)
-    if has_text:
-        result.text = [runtime.tokenizer.decode(t) for t in result.tokens]
+    if has_text:  # every door's stop rule: the text ends before the stop string
+        result.text = [CompletionText(runtime.tokenizer.decode, request.stop, t).text() for t in result.tokens]
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
@@ -67,32 +68,33 @@ def command(directory: Path, prompts: tuple[str, ...], input_ids: tuple[str, ...
 
 
 def _stream(runtime, prompt: list[int], max_new_tokens: int, sched, knobs: dict, as_json: bool):
-    """Print each token as it comes (text, ids, or a JSON line per token); return the result."""
-    has_text = runtime.manifest.tokenizer_path is not None
-    emitted: list[int] = []
-    printed = ""
+    """Print each token as it comes (text, ids, or a JSON line per token); return the result. The
+    text is held back where it may begin a stop string or half a character (``CompletionText``)."""
+    text = CompletionText(runtime.tokenizer.decode, knobs.get("stop_strings", ())) \
+        if runtime.manifest.tokenizer_path is not None else None
     steps = runtime.stream([prompt], max_new_tokens, sched, **knobs)
-    while True:
-        try:
-            step = next(steps)
-        except StopIteration as done:
-            result = done.value
-            break
-        token = step.tokens[0]
-        if token is None:
-            continue
-        emitted.append(token)
-        text = runtime.tokenizer.decode(emitted) if has_text else None
-        if text is not None and text.endswith("\ufffd"):
-            text = printed  # hold back half a multi-byte character until its other bytes come
-        delta = text[len(printed):] if text is not None else None
-        if as_json:
-            click.echo(json.dumps({"step": step.index, "token": token, "text": delta, "layers": step.layers}))
-        elif text is not None:
-            click.echo(delta, nl=False)
-        else:
-            click.echo(f"{token},", nl=False)
-        printed = text if text is not None else printed
+    try:
+        while True:
+            try:
+                step = next(steps)
+            except StopIteration as done:
+                result = done.value
+                break
+            token = step.tokens[0]
+            if token is None:
+                continue
+            delta = text.add(token) if text is not None else None
+            if as_json:
+                click.echo(json.dumps({"step": step.index, "token": token, "text": delta, "layers": step.layers}))
+            elif text is not None:
+                click.echo(delta, nl=False)
+            else:
+                click.echo(f"{token},", nl=False)
+    except KeyboardInterrupt:
+        click.echo()  # end the streamed line: the CLI's "interrupted" goes on its own
+        raise
+    if text is not None and not as_json:
+        click.echo(text.rest(), nl=False)
     if not as_json:
         click.echo()
     return result

@@ -11,7 +11,7 @@ from .options import format_size, json_option
 
 
 @click.command("inspect")
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", metavar="EXPORT", type=click.Path(path_type=Path))
 @json_option("the manifest")
 @click.option("--no-verify", is_flag=True, help="Check file sizes only, not sha256 checksums.")
 def command(directory: Path, as_json: bool, no_verify: bool) -> None:

@@ -3,7 +3,7 @@
 - ``schedule_options``: --target-speedup K, --max-layers, --min-layers, --warmup-layers,
   --decay-tokens, --prompt-layers, --table (export, schedule, generate, serve);
 - ``sampling_options``: --temperature, --top-k, --top-p, --repetition-penalty, --seed, --stop,
-  --stop-token-id (generate, serve defaults);
+  --stop-token-id, --ignore-eos (generate; ``pop_request`` reads them as ``request_params`` does);
 - ``backend_options``: --backend, --device, --threads;
 - ``max_new_tokens_option``, ``json_option``; ``comma_list`` for every "1,2,3" value.
 """
@@ -15,8 +15,9 @@ from typing import Callable
 import click
 
 from ..errors import ScheduleError, SkipDeployError
+from ..request_params import CLI, SCHEDULE_FIELDS, RequestParams, check, schedule_from_options
+from ..request_params import parse as parse_request
 from ..schedule import LayerSchedule
-from ..schedule_options import schedule_from_options
 
 
 def _apply(func, options):
@@ -145,8 +146,7 @@ def schedule_options(func):
     ])
 
 
-SCHEDULE_KEYS = ("target_speedup", "max_layers", "min_layers", "warmup_layers", "decay_tokens", "prompt_layers",
-                 "table", "full")
+SCHEDULE_KEYS = tuple(f.name for f in SCHEDULE_FIELDS)
 
 
 def pop_schedule_options(kwargs: dict) -> dict:
@@ -154,11 +154,12 @@ def pop_schedule_options(kwargs: dict) -> dict:
 
 
 def schedule_from(opts: dict, num_layers: int, default: LayerSchedule | None, decode_steps: int | None) -> LayerSchedule:
-    """The schedule the flags describe (``schedule_options.schedule_from_options``); a flag
+    """The schedule the flags describe (``request_params.schedule_from_options``); a flag
     conflict is a usage error."""
     opts = {k: v for k, v in opts.items() if v is not None and v is not False}
     if "table" in opts:
         opts["table"] = comma_list(opts["table"], "--table", int)
+    opts = {k: check(k, v, CLI.spelled(k)) for k, v in opts.items()}  # every door's ranges
     try:
         return schedule_from_options(opts, num_layers, default, decode_steps)
     except ScheduleError as exc:
@@ -172,22 +173,32 @@ def sampling_options(func):
     return _apply(func, [
         click.option("--temperature", type=float, help="Sample at this temperature; 0 (the default) is greedy. "
                      "--top-k/--top-p alone imply 1.0."),
-        click.option("--top-k", type=int, help="Sample among the K most likely tokens."),
+        click.option("--top-k", type=int, help="Sample among the K most likely tokens (0 or -1: off)."),
         click.option("--top-p", type=float, help="Sample among the smallest set of tokens whose mass reaches P."),
         click.option("--repetition-penalty", type=float, help="Penalize tokens already in the prompt or output "
                      "(Hugging Face semantics; 1 is off)."),
-        click.option("--seed", type=int, help="Seed for sampling: same seed, same tokens, on every backend."),
+        click.option("--seed", type=int, help="Seed for sampling: same seed, same tokens, on every backend "
+                     "(a 64-bit integer; negative ones are taken modulo 2**64)."),
         click.option("--stop", "stop_strings", multiple=True, metavar="TEXT",
-                     help="Stop a row once its text contains TEXT (repeatable; \\n and \\t are read as escapes)."),
+                     help="Stop a row once its text contains TEXT; the text printed ends before it (repeatable; "
+                          "\\n and \\t are read as escapes)."),
         click.option("--stop-token-id", "stop_token_ids", multiple=True, type=int, metavar="ID",
                      help="Stop a row at this token id, like EOS (repeatable)."),
+        click.option("--ignore-eos", is_flag=True, default=None, help="Keep generating past the model's EOS token."),
     ])
 
 
-def pop_generation_knobs(kwargs: dict) -> dict:
-    knobs = {k: kwargs.pop(k) for k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed",
-                                         "stop_strings", "stop_token_ids")}
-    if knobs["temperature"] is None and (knobs["top_k"] is not None or knobs["top_p"] is not None):
-        knobs["temperature"] = 1.0
-    knobs["stop_strings"] = tuple(unescape(s) for s in knobs["stop_strings"])
-    return {k: v for k, v in knobs.items() if v is not None and v != ()}
+def pop_request(kwargs: dict, max_new_tokens: int) -> RequestParams:
+    """The sampling and schedule flags as one request (``request_params``: every door's ranges, a
+    refusal naming the flag)."""
+    values = {"max_new_tokens": max_new_tokens, **{k: kwargs.pop(k) for k in _SAMPLING if k in kwargs},
+              **{k: v for k, v in pop_schedule_options(kwargs).items() if v is not None and v is not False}}
+    values["stop"] = tuple(unescape(s) for s in values.pop("stop_strings", ())) or None
+    values["stop_token_ids"] = values.get("stop_token_ids") or None
+    if "table" in values:
+        values["table"] = comma_list(values["table"], "--table", int)
+    return parse_request({CLI.key(k): v for k, v in values.items()}, CLI)
+
+
+_SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop_strings", "stop_token_ids",
+             "ignore_eos")

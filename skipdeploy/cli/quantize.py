@@ -6,15 +6,16 @@ from pathlib import Path
 
 import click
 
+from ..errors import ExportError
 from .options import format_size
 
 
 @click.command("quantize")
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", metavar="EXPORT", type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the quantized export.")
 @click.option("--weights", type=click.Choice(["int8"]), default="int8", show_default=True,
-              help="Weight precision of the decoder layers and the LM head.")
+              help="Weight precision of the decoder layers and the LM head (the same option as export's).")
 @click.option("--per-tensor", is_flag=True, help="One scale per weight matrix instead of one per output channel "
               "(less accurate).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new export is complete).")
@@ -29,6 +30,9 @@ def command(directory: Path, out: Path, weights: str, per_tensor: bool, force: b
     """
     from ..exporter.quantize import quantize_export
     from ..manifest import read_manifest
+
+    if out.exists() and not force:  # the API's own check names force=True; this is the flag
+        raise ExportError(f"{out} already exists; pass --force to replace it")
 
     source = read_manifest(directory, verify=False)
     manifest = quantize_export(directory, out, weights=weights, per_channel=not per_tensor, force=force,

@@ -7,16 +7,17 @@ from pathlib import Path
 
 import click
 
-from ..errors import SkipDeployError
-from ..schedule import LayerSchedule, format_layers
+from ..errors import ScheduleError, SkipDeployError
+from ..schedule import MAX_LAYERS, MAX_POSITIONS, LayerSchedule, format_layers
 from .options import json_option, pop_schedule_options, schedule_from, schedule_options
 
 
 @click.command("schedule")
-@click.option("--layers", "num_layers", type=click.IntRange(min=1), required=True, help="Decoder layers in the model.")
+@click.option("--layers", "num_layers", type=click.IntRange(min=1), required=True,
+              help=f"Decoder layers in the model (at most {MAX_LAYERS}).")
 @schedule_options
 @click.option("--steps", type=click.IntRange(min=1), help="Decode steps to show and to average over [default: "
-              "the schedule's horizon (--decay-tokens), showing one step past it].")
+              f"the schedule's horizon (--decay-tokens), showing one step past it; at most {MAX_POSITIONS}].")
 @json_option("the per-step layer sets")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG of layers per step.")
 def command(num_layers: int, steps: int | None, as_json: bool, plot: Path | None, **kwargs) -> None:
@@ -28,28 +29,36 @@ def command(num_layers: int, steps: int | None, as_json: bool, plot: Path | None
     first generated token), not a row's absolute position: with left padding all rows of a batch
     are at the same step.
     """
+    if num_layers > MAX_LAYERS:  # before any schedule is built: the schedule options are checked against it
+        raise ScheduleError(f"--layers must be <= {MAX_LAYERS}, more layers than any model has (got {num_layers})")
+    if steps is not None and steps > MAX_POSITIONS:
+        raise ScheduleError(f"--steps must be <= {MAX_POSITIONS}, more positions than any model has (got {steps})")
     sched = schedule_from(pop_schedule_options(kwargs), num_layers, None, None)
     # The default average is over the horizon, the same figure describe() prints; the table shows
     # one more step, where the floor holds.
     shown, steps = (steps, steps) if steps else (sched.horizon + 1, sched.horizon)
-    table = [{"step": s, "top": sched.top(s), "layers": list(sched.layers(s))} for s in range(shown)]
-    summary = {"schedule": sched.to_dict(), "prompt_layers": list(sched.prompt_layers()), "steps": table,
+    summary = {"schedule": sched.to_dict(), "prompt_layers": list(sched.prompt_layers()),
                "mean_layers_per_token": sched.mean_layers(steps), "layer_speedup": sched.layer_speedup(steps)}
     if plot:
         _plot_schedule(sched, steps, plot)
-    if as_json:
-        click.echo(json.dumps(summary))
+    if as_json:  # one row per step, written as made: a long horizon must not be held in memory at once
+        head = json.dumps({**summary, "steps": []})
+        click.echo(head[:-2], nl=False)
+        for s in range(shown):
+            row = {"step": s, "top": sched.top(s), "layers": list(sched.layers(s))}
+            click.echo(("" if s == 0 else ", ") + json.dumps(row), nl=False)
+        click.echo(head[-2:])
         return
     click.echo(sched.describe())
     click.echo(f"prompt     {len(sched.prompt_layers())} layers [{format_layers(sched.prompt_layers())}]")
     click.echo(f"{'step':>6} {'top':>4} {'run':>4}  layers")
     previous = None
-    for row in table:
-        key = tuple(row["layers"])
-        if key == previous and row["step"] != shown - 1:
+    for step in range(shown):  # a row where the layer set changes, and the last
+        key = (sched.top(step), sched.count(step))
+        if key == previous and step != shown - 1:
             continue
         previous = key
-        click.echo(f"{row['step']:>6} {row['top']:>4} {len(key):>4}  {format_layers(key)}")
+        click.echo(f"{step:>6} {key[0]:>4} {key[1]:>4}  {format_layers(sched.layers(step))}")
     click.echo(f"over {steps} decode steps: {summary['mean_layers_per_token']:.2f} of {num_layers} layers per token, "
                f"layer speedup {summary['layer_speedup']:.2f}x")
     if plot:

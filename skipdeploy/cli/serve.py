@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from pathlib import Path
 
 import click
@@ -11,7 +12,7 @@ from .options import backend_options, pop_schedule_options, schedule_from, sched
 
 
 @click.command("serve")
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", metavar="EXPORT", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind (0.0.0.0: every interface; then set --api-key).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
@@ -51,20 +52,30 @@ def command(directory: Path, host: str, port: int, max_batch: int, max_queue: in
     """
     from ..errors import SkipDeployError
     from ..manifest import read_manifest
+    from ..runtime.core import check_threads
 
+    if api_key is not None and not api_key.strip():  # typed empty: it would silently turn authentication off
+        raise click.ClickException("--api-key is empty; give a key, or leave --api-key out to serve without one")
+    if not math.isfinite(drain_timeout):  # click's range lets nan and inf through
+        raise click.ClickException(f"--drain-timeout must be a finite number of seconds (got {drain_timeout})")
     try:
         from ..serving.engine import ServingEngine
-        from ..serving.server import create_app, serve
+        from ..serving.server import bind, create_app, serve
     except ImportError as exc:
         raise click.ClickException(f"serve needs fastapi, uvicorn and prometheus_client ({exc}); "
                                    "pip install 'skipdeploy[serve]'") from None
     if backend not in ("onnxruntime", "torch") or device not in (None, "cpu"):
         raise click.UsageError("serve runs the onnxruntime or torch backend on the CPU (in-flight batching)")
     try:
+        check_threads(threads)  # before the socket binds and the model loads
         manifest = read_manifest(directory, verify=False)  # the engine verifies the files as it loads
         schedule = schedule_from(pop_schedule_options(kwargs), manifest.model.num_layers, manifest.schedule, None)
     except SkipDeployError as exc:
         raise click.ClickException(str(exc)) from None
+    if max_length is not None and max_length > manifest.max_length:
+        raise click.ClickException(f"--max-length {max_length} exceeds the export's limit of {manifest.max_length} "
+                                   f"positions; pass at most {manifest.max_length}, or export again with a larger "
+                                   "--max-length")
     name = model_name or directory.resolve().name
     if not api_key and not _loopback(host):
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
@@ -75,9 +86,13 @@ def command(directory: Path, host: str, port: int, max_batch: int, max_queue: in
                              align_steps=align_steps, schedule=schedule,
                              observer=observer)
 
-    app = create_app(load_engine, model_name=name, num_layers=manifest.model.num_layers, api_key=api_key or None,
-                     drain_timeout=drain_timeout)
-    status = serve(app, host, port, log_level=log_level)
+    try:  # errors as ClickException: this command also runs on its own (python -m skipdeploy.cli.serve)
+        app = create_app(load_engine, model_name=name, num_layers=manifest.model.num_layers, api_key=api_key,
+                         drain_timeout=drain_timeout)
+        sock = bind(host, port)  # before the model loads: a port in use is reported at once
+    except SkipDeployError as exc:
+        raise click.ClickException(str(exc)) from None
+    status = serve(app, host, port, log_level=log_level, sock=sock)
     if status:
         raise SystemExit(status)
 

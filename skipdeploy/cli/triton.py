@@ -10,9 +10,10 @@ from .options import pop_schedule_options, schedule_from, schedule_options, slot
 
 
 @click.command("triton")
-@click.argument("export", type=click.Path(path_type=Path))
+@click.argument("export", metavar="EXPORT", type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Model repository to create (Triton's --model-repository).")
+              help="Model repository to write the model into (Triton's --model-repository): created if missing; "
+              "the other models in it stay.")
 @click.option("--model-name", metavar="NAME", help="The model's name in Triton [default: the export directory's "
               "name].")
 @slot_options
@@ -27,12 +28,12 @@ from .options import pop_schedule_options, schedule_from, schedule_options, slot
 @click.option("--copy-export", is_flag=True, help="Copy the export into the repository (REPO/NAME/1/export), so "
               "that the repository stands alone (a container image, a volume); otherwise it names the export's "
               "absolute path.")
-@click.option("--force", is_flag=True, help="Replace REPO if it exists and is not empty (only once the new one "
-              "is complete).")
+@click.option("--force", is_flag=True, help="Replace the model's directory (REPO/NAME) if it exists (only once the "
+              "new one is complete); the repository's other models stay.")
 def command(export: Path, out: Path, model_name: str | None, max_batch: int, instances: int, max_queue: int,
             max_length: int | None, prefill_chunk: int, threads: int | None, backend: str, copy_export: bool,
             force: bool, **kwargs) -> None:
-    """Write a Triton Inference Server model repository that serves EXPORT.
+    """Write a model that serves EXPORT into a Triton Inference Server model repository.
 
     The model is Triton's Python backend (decoupled) over the in-flight batching engine, with the
     inputs and outputs of Triton's vLLM backend (text_input, stream, sampling_parameters,
@@ -40,7 +41,10 @@ def command(export: Path, out: Path, model_name: str | None, max_batch: int, ins
     generate endpoints, tritonclient and Triton's LLM tools work unchanged. Schedule options set
     the default schedule (partial ones modify the export's); a request's sampling_parameters may
     carry its own "skipdecode" object. Serve it with NVIDIA's tritonserver image (docs/triton.md)
-    or, locally, python -m skipdeploy.triton.server REPO.
+    or, locally, python -m skipdeploy.triton.server REPO. Run it again with another --model-name
+    to serve several exports from one repository. The engine options are checked now with the
+    limits the engine applies when the server loads the model (its KV cache against this machine's
+    available memory included).
     """
     from ..manifest import read_manifest
     from ..triton.repository import write_repository

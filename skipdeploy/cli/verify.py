@@ -11,7 +11,7 @@ from .options import json_option, max_new_tokens_option
 
 
 @click.command("verify")
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", metavar="EXPORT", type=click.Path(path_type=Path))
 @click.option("--model", type=click.Path(path_type=Path),
               help="The checkpoint the export came from: compare against transformers itself.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime",

@@ -1,4 +1,9 @@
-"""The one interface every backend implements: allocate cache buffers, run a graph on them.
+"""The interface every backend implements, in three parts: what both decoding paths share
+(:class:`Engine`: embed, head, looking inside hidden states, memory), what static decoding adds
+(:class:`StaticEngine`: per-generator caches and whole-layer calls) and what in-flight decoding adds
+(:class:`InflightEngine`: a slot cache, one row per request, and each layer split around its
+attention). A backend class implements the shared part and exactly one of the two others, so no
+method of a parent is ever disabled; ``create_engine(inflight=...)`` picks which.
 
 The runtime owns the decoding loop and the bookkeeping (valid lengths, masks, positions); an
 engine owns sessions, kernels and device memory. A :class:`KVCache` belongs to whoever allocated
@@ -29,8 +34,9 @@ from ..errors import BackendError
 from ..manifest import Manifest
 from ..numerics import MASK_VALUE
 
-# Bias of the masked slot some engines keep in front of every layer's cache (see masked_slot_bias).
-MASKED_SLOT_VALUE = 2 * MASK_VALUE
+# Bias of the masked positions some engines keep in front of every layer's cache
+# (see masked_position_bias).
+MASKED_POSITION_VALUE = 2 * MASK_VALUE
 
 
 class KVCache:
@@ -51,8 +57,8 @@ class KVCache:
 
 class SlotCache:
     """The in-flight engine's cache: per layer, key and value buffers [rows, kv_heads, capacity,
-    head_dim] (BNSH), one slot of ``capacity`` positions per running request. A slot's row is
-    contiguous, so any run of consecutive slots is one dense block that binds in place."""
+    head_dim] (BNSH), one slot (row) of ``capacity`` positions per running request. A slot's row
+    is contiguous, so any run of consecutive slots is one dense block that binds in place."""
 
     def __init__(self, keys: list[Any], values: list[Any], rows: int, capacity: int) -> None:
         self.keys, self.values = keys, values
@@ -60,22 +66,46 @@ class SlotCache:
 
 
 class Engine(ABC):
-    """A backend: allocates cache buffers and runs the embed, layer and head graphs.
-
-    Engines that serve in-flight batching (``inflight = True``) also run a layer in three parts
-    on rows of hidden states [N, E] (see ``skipdeploy.serving``): ``layer_in`` (the projections
-    before attention, on all of the layer's rows at once), ``attend`` (each run of consecutive
-    slots over its own cached positions) and ``layer_out`` (the projections after attention).
-    """
+    """What both decoding paths need of a backend: the embedding and the LM head, a way to look
+    inside hidden states, and the memory a cache may take."""
 
     name = "engine"
-    inflight = False
+    inflight = False  # True for an InflightEngine
 
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
         self.spec = manifest.model
 
-    # -- cache buffers ---------------------------------------------------------------------------
+    @abstractmethod
+    def embed(self, input_ids: np.ndarray, position_ids: np.ndarray) -> Any:
+        """Hidden states [B,T,E] for int64 ids and positions [B,T]."""
+
+    @abstractmethod
+    def head(self, hidden: Any) -> np.ndarray:
+        """float32 logits [B,V] of the last position."""
+
+    # -- looking inside hidden states ------------------------------------------------------------
+    def to_numpy(self, hidden: Any) -> np.ndarray:
+        """Hidden states as a float32 host array (running deferred work if needed)."""
+        return np.asarray(hidden, np.float32)
+
+    def from_numpy(self, array: np.ndarray) -> Any:
+        """Host hidden states [B,T,E] in the form this engine's graphs take."""
+        return np.ascontiguousarray(array, self.dtype)
+
+    # -- resources -------------------------------------------------------------------------------
+    def available_memory(self) -> int | None:
+        """Bytes a new cache may use on this engine's device, or None when unknown."""
+        return host_available_memory()
+
+    def close(self) -> None:
+        """Release sessions and buffers."""
+
+
+class StaticEngine(Engine):
+    """Static decoding (``skipdeploy.load``): a batch of rows through whole layers, each call told
+    which :class:`KVCache` to read and write."""
+
     @abstractmethod
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
         """A new cache with room for ``capacities[l]`` positions in layer l, for ``batch`` rows.
@@ -83,11 +113,6 @@ class Engine(ABC):
 
     def release(self, cache: KVCache) -> None:
         """The cache's owner is done with it: its buffers may serve a later ``allocate``."""
-
-    # -- graphs ----------------------------------------------------------------------------------
-    @abstractmethod
-    def embed(self, input_ids: np.ndarray, position_ids: np.ndarray) -> Any:
-        """Hidden states [B,T,E] for int64 ids and positions [B,T]."""
 
     def layer(self, index: int, hidden: Any, cache: KVCache, past: int, attention_bias: np.ndarray,
               positions: np.ndarray | None = None) -> Any:
@@ -117,32 +142,45 @@ class Engine(ABC):
                positions: np.ndarray | None) -> Any:
         """The backend's layer call; the arguments are checked."""
 
+
+class InflightEngine(Engine):
+    """In-flight batching (``skipdeploy.serving``): every running request keeps one slot of a
+    :class:`SlotCache`, and a layer runs in three parts on rows of hidden states [N, E]:
+    ``layer_in`` (the projections before attention, on all of the layer's rows at once),
+    ``attend`` (each run of consecutive slots over its own cached positions) and ``layer_out``
+    (the projections after attention)."""
+
+    inflight = True
+
     @abstractmethod
-    def head(self, hidden: Any) -> np.ndarray:
-        """float32 logits [B,V] of the last position."""
-
-    # -- in-flight batching -----------------------------------------------------------------------
     def allocate_slots(self, rows: int, capacity: int) -> SlotCache:
-        raise BackendError(f"the {self.name} backend does not run in-flight batching; use onnxruntime or torch")
+        """A slot cache of ``rows`` slots of ``capacity`` positions per layer."""
 
+    @abstractmethod
     def layer_in(self, index: int, hidden: Any, positions: np.ndarray) -> tuple[Any, Any, Any]:
         """Query [N, H*D], key and value [N, Hkv*D] of layer ``index`` for hidden rows [N, E] at
         ``positions`` [N] (int64)."""
-        raise BackendError(f"the {self.name} backend does not run in-flight batching")
 
+    @abstractmethod
     def attend(self, index: int, query: Any, key: Any, value: Any, context: Any, cache: SlotCache, first: int,
                cached: np.ndarray, new: int) -> None:
         """Attention of layer ``index`` for ``B = len(cached)`` consecutive slots from ``first``, each
         with ``new`` positions (rows ``query[b*new:(b+1)*new]``) after its ``cached[b]`` positions:
         writes their keys and values into the slots and the attention output into ``context``."""
-        raise BackendError(f"the {self.name} backend does not run in-flight batching")
 
+    @abstractmethod
     def layer_out(self, index: int, hidden: Any, context: Any) -> Any:
         """Hidden rows [N, E] after layer ``index``, from its input rows and attention output [N, H*D]."""
-        raise BackendError(f"the {self.name} backend does not run in-flight batching")
+
+    def check_slots(self, index: int, cache: SlotCache, first: int, cached: np.ndarray, new: int) -> None:
+        """``attend``'s run of slots must lie inside the cache: its writes go through raw pointers."""
+        if first < 0 or first + len(cached) > cache.rows or int(np.max(cached)) + new > cache.capacity:
+            raise BackendError(f"layer {index}: slots {first}..{first + len(cached) - 1} with "
+                               f"{int(np.max(cached)) + new} positions do not fit the slot cache "
+                               f"({cache.rows} slots of {cache.capacity} positions)")
 
     def take_rows(self, hidden: Any, rows: np.ndarray) -> Any:
-        """A new [len(rows), E] block of hidden rows (in-flight batching gathers a layer's rows)."""
+        """A new [len(rows), E] block of hidden rows (a layer's rows are gathered)."""
         return hidden[rows]
 
     def put_rows(self, hidden: Any, rows: np.ndarray, values: Any) -> None:
@@ -151,23 +189,6 @@ class Engine(ABC):
     def empty_like(self, rows: Any) -> Any:
         """An uninitialized block shaped like ``rows`` (where ``attend`` writes its output)."""
         return np.empty_like(rows)
-
-    # -- looking inside hidden states ------------------------------------------------------------
-    def to_numpy(self, hidden: Any) -> np.ndarray:
-        """Hidden states as a float32 host array (running deferred work if needed)."""
-        return np.asarray(hidden, np.float32)
-
-    def from_numpy(self, array: np.ndarray) -> Any:
-        """Host hidden states [B,T,E] in the form this engine's ``layer`` and ``head`` take."""
-        return np.ascontiguousarray(array, self.dtype)
-
-    # -- resources -------------------------------------------------------------------------------
-    def available_memory(self) -> int | None:
-        """Bytes a new cache may use on this engine's device, or None when unknown."""
-        return host_available_memory()
-
-    def close(self) -> None:
-        """Release sessions and buffers."""
 
 
 def host_available_memory() -> int | None:
@@ -181,18 +202,18 @@ def host_available_memory() -> int | None:
     return None
 
 
-def masked_slot_bias(bias: np.ndarray, slots: int) -> np.ndarray:
-    """The attention bias for a cache with ``slots`` masked slots in front of position 0.
+def masked_position_bias(bias: np.ndarray, masked: int) -> np.ndarray:
+    """The attention bias for a cache with ``masked`` masked positions in front of position 0.
 
-    GPU backends keep such a slot so that no graph ever sees an empty past. The slots get twice
+    GPU backends keep such a position so that no graph ever sees an empty past. They get twice
     the mask value: a padding query whose real keys are all masked still gives them zero weight,
     so every output (padding rows included) equals the unpadded one.
     """
     bias = np.ascontiguousarray(bias, np.float32)
-    if not slots:
+    if not masked:
         return bias
-    return np.ascontiguousarray(np.concatenate([np.full((bias.shape[0], slots), MASKED_SLOT_VALUE, np.float32),
-                                                bias], axis=1))
+    return np.ascontiguousarray(np.concatenate([np.full((bias.shape[0], masked), MASKED_POSITION_VALUE,
+                                                        np.float32), bias], axis=1))
 
 
 class FlatPool:

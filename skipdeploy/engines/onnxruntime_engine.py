@@ -1,9 +1,10 @@
 """onnxruntime backend (CPU execution provider): zero-copy IOBinding into a preallocated cache.
 
 Keys and values are bound as raw pointers: ``past_key`` to the valid prefix ``buf[:P]`` of a
-sequence-major buffer, the ``key`` output straight into the slot ``buf[P:P+T]``. Nothing is
-concatenated or copied per step, and hidden states and logits live in buffers reused from step
-to step.
+sequence-major buffer, the ``key`` output straight into the positions after it, ``buf[P:P+T]``.
+Nothing is concatenated or copied per step, and hidden states and logits live in buffers reused
+from step to step. ``OnnxRuntimeGraphs`` (embed, head, buffers) is shared with the in-flight
+engine (``onnxruntime_inflight``), which loads other layer sessions.
 
 Performance notes (measured on 2 cores, see BENCHMARKS.md): one session per graph, each with its
 own thread pool that spins only while its Run() lasts (pools that kept spinning between runs were
@@ -21,6 +22,7 @@ import ctypes
 import ctypes.util
 import sys
 import threading
+from abc import abstractmethod
 
 import numpy as np
 import onnxruntime as ort
@@ -28,7 +30,7 @@ import onnxruntime as ort
 from ..errors import BackendError
 from ..manifest import Manifest
 from ..numerics import numpy_dtype
-from .base import Engine, FlatPool, KVCache
+from .base import Engine, FlatPool, KVCache, StaticEngine
 
 
 def session_options(threads: int | None = None, shared_arena: bool = False) -> ort.SessionOptions:
@@ -126,7 +128,11 @@ class PointerBinding:
             self._session.run_with_iobinding(self._io)
 
 
-class OnnxRuntimeEngine(Engine):
+class OnnxRuntimeGraphs(Engine):
+    """What both onnxruntime engines share: the export's embed and head sessions, the reused
+    host buffers, and the loading order. A subclass loads its own layer sessions
+    (``_load_layers``)."""
+
     name = "onnxruntime"
 
     def __init__(self, manifest: Manifest, threads: int | None = None,
@@ -147,41 +153,25 @@ class OnnxRuntimeEngine(Engine):
             # that transient copy costs least while the process is small.
             self.head_session = session(manifest.path("head"))
             self.embed_session = session(manifest.path("embed"))
-            self.layer_sessions = self._load_layers(session, threads)
+            self._load_layers(session)
         except BackendError:
             raise
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise BackendError(f"onnxruntime cannot load the export {manifest.directory}: {exc}") from None
         self._embed_io = PointerBinding(self.embed_session)
-        self._layer_io = [PointerBinding(s) for s in self.layer_sessions]
         self._head_io = PointerBinding(self.head_session)
-        self._free = FlatPool()
         self._buffers: dict[tuple, np.ndarray] = {}
 
-    def _load_layers(self, session, threads: int | None) -> list[ort.InferenceSession]:
-        """One session per exported layer graph (``session(path_or_bytes)`` loads one)."""
-        return [session(self.manifest.layer_path(i)) for i in range(self.spec.num_layers)]
+    @abstractmethod
+    def _load_layers(self, session) -> None:
+        """Load this engine's layer sessions (``session(path_or_bytes)`` loads one)."""
 
-    # -- buffers ---------------------------------------------------------------------------
     def _buffer(self, key: tuple, shape: tuple, dtype) -> np.ndarray:
         buf = self._buffers.get(key)
         if buf is None or buf.shape != shape:
             buf = self._buffers[key] = np.empty(shape, dtype)
         return buf
 
-    def allocate(self, capacities: list[int], batch: int) -> KVCache:
-        H, D = self.spec.kv_heads, self.spec.head_dim
-        flat_keys, flat_values = self._free.lease([cap * batch * H * D for cap in capacities], lambda b: b.size,
-                                                  lambda n: np.empty(n, self.dtype))
-        shapes = [(cap, batch, H, D) for cap in capacities]
-        return KVCache([flat[:int(np.prod(shape))].reshape(shape) for flat, shape in zip(flat_keys, shapes)],
-                       [flat[:int(np.prod(shape))].reshape(shape) for flat, shape in zip(flat_values, shapes)],
-                       capacities, batch, storage=(flat_keys, flat_values))
-
-    def release(self, cache: KVCache) -> None:
-        self._free.give(cache)
-
-    # -- graphs ----------------------------------------------------------------------------
     def embed(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         B, T = input_ids.shape
         out = self._buffer(("hidden", 0, B, T), (B, T, self.spec.hidden_size), self.dtype)
@@ -192,27 +182,6 @@ class OnnxRuntimeEngine(Engine):
         if self.manifest.embed_takes_positions:
             io.input("position_ids", np.int64, [B, T], pos.ctypes.data)
         io.output("hidden", self.dtype, out.shape, out.ctypes.data)
-        io.run()
-        return out
-
-    def _layer(self, index: int, hidden: np.ndarray, cache: KVCache, past: int,
-               attention_bias: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
-        B, T, E = hidden.shape
-        H, D = self.spec.kv_heads, self.spec.head_dim
-        keys, values = cache.keys[index], cache.values[index]
-        slot = B * H * D * keys.itemsize
-        which = 1 if self._buffers.get(("hidden", 1, B, T)) is not hidden else 0
-        out = self._buffer(("hidden", which, B, T), (B, T, E), self.dtype)
-        io = self._layer_io[index]
-        io.input("hidden", self.dtype, [B, T, E], hidden.ctypes.data)
-        if self.manifest.layers_take_positions:  # then Engine.layer has checked them
-            io.input("position_ids", np.int64, [B, T], positions.ctypes.data)
-        io.input("past_key", self.dtype, [past, B, H, D], keys.ctypes.data)
-        io.input("past_value", self.dtype, [past, B, H, D], values.ctypes.data)
-        io.input("attention_bias", np.float32, [B, past + T], attention_bias.ctypes.data)
-        io.output("hidden_out", self.dtype, [B, T, E], out.ctypes.data)
-        io.output("key", self.dtype, [T, B, H, D], keys.ctypes.data + past * slot)
-        io.output("value", self.dtype, [T, B, H, D], values.ctypes.data + past * slot)
         io.run()
         return out
 
@@ -228,4 +197,53 @@ class OnnxRuntimeEngine(Engine):
 
     def close(self) -> None:
         self._buffers.clear()
+
+
+class OnnxRuntimeEngine(OnnxRuntimeGraphs, StaticEngine):
+    """Static decoding: the export's own layer graphs, one session each."""
+
+    def __init__(self, manifest: Manifest, threads: int | None = None,
+                 providers: list[str] | None = None) -> None:
+        super().__init__(manifest, threads=threads, providers=providers)
+        self._free = FlatPool()
+
+    def _load_layers(self, session) -> None:
+        self.layer_sessions = [session(self.manifest.layer_path(i)) for i in range(self.spec.num_layers)]
+        self._layer_io = [PointerBinding(s) for s in self.layer_sessions]
+
+    def allocate(self, capacities: list[int], batch: int) -> KVCache:
+        H, D = self.spec.kv_heads, self.spec.head_dim
+        flat_keys, flat_values = self._free.lease([cap * batch * H * D for cap in capacities], lambda b: b.size,
+                                                  lambda n: np.empty(n, self.dtype))
+        shapes = [(cap, batch, H, D) for cap in capacities]
+        return KVCache([flat[:int(np.prod(shape))].reshape(shape) for flat, shape in zip(flat_keys, shapes)],
+                       [flat[:int(np.prod(shape))].reshape(shape) for flat, shape in zip(flat_values, shapes)],
+                       capacities, batch, storage=(flat_keys, flat_values))
+
+    def release(self, cache: KVCache) -> None:
+        self._free.give(cache)
+
+    def _layer(self, index: int, hidden: np.ndarray, cache: KVCache, past: int,
+               attention_bias: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
+        B, T, E = hidden.shape
+        H, D = self.spec.kv_heads, self.spec.head_dim
+        keys, values = cache.keys[index], cache.values[index]
+        position = B * H * D * keys.itemsize  # bytes of one cache position
+        which = 1 if self._buffers.get(("hidden", 1, B, T)) is not hidden else 0
+        out = self._buffer(("hidden", which, B, T), (B, T, E), self.dtype)
+        io = self._layer_io[index]
+        io.input("hidden", self.dtype, [B, T, E], hidden.ctypes.data)
+        if self.manifest.layers_take_positions:  # then StaticEngine.layer has checked them
+            io.input("position_ids", np.int64, [B, T], positions.ctypes.data)
+        io.input("past_key", self.dtype, [past, B, H, D], keys.ctypes.data)
+        io.input("past_value", self.dtype, [past, B, H, D], values.ctypes.data)
+        io.input("attention_bias", np.float32, [B, past + T], attention_bias.ctypes.data)
+        io.output("hidden_out", self.dtype, [B, T, E], out.ctypes.data)
+        io.output("key", self.dtype, [T, B, H, D], keys.ctypes.data + past * position)
+        io.output("value", self.dtype, [T, B, H, D], values.ctypes.data + past * position)
+        io.run()
+        return out
+
+    def close(self) -> None:
+        super().close()
         self._free.clear()

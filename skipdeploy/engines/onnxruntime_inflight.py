@@ -7,8 +7,8 @@ slot cache is one numpy buffer per layer for keys and one for values, [rows, H, 
 consecutive slots is bound in place, and the attention writes the new keys and values straight
 into it (``present_*`` bound to the past's memory). Nothing in a step copies the cache.
 
-Only the layer sessions differ from ``OnnxRuntimeEngine``, so the weights are pre-packed once:
-the monolithic layer graphs are not loaded.
+Only the layer sessions differ from ``OnnxRuntimeEngine`` (both build on ``OnnxRuntimeGraphs``),
+so the weights are pre-packed once: the monolithic layer graphs are not loaded.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BackendError
-from ..exporter.slot_graphs import build_layer_in, build_layer_out, build_slot_attention, read_layer_weights
+from ..exporter.slot_graphs import build_layer_in, build_layer_out, build_slot_attention
+from ..families.weights import read_layer_weights
 from ..manifest import Manifest
-from .base import SlotCache
-from .onnxruntime_engine import OnnxRuntimeEngine, PointerBinding
+from .base import InflightEngine, SlotCache
+from .onnxruntime_engine import OnnxRuntimeGraphs, PointerBinding
 
 
-class InflightOnnxRuntimeEngine(OnnxRuntimeEngine):
-    name = "onnxruntime"
-    inflight = True
+class InflightOnnxRuntimeEngine(OnnxRuntimeGraphs, InflightEngine):
+    """In-flight batching on onnxruntime (CPU): split layer sessions over a numpy slot cache."""
 
     def __init__(self, manifest: Manifest, threads: int | None = None) -> None:
         if manifest.dtype != "float32" or manifest.quantization:
@@ -36,11 +36,11 @@ class InflightOnnxRuntimeEngine(OnnxRuntimeEngine):
         self._widths = {"query": spec.attention_dim, "key": spec.kv_dim, "value": spec.kv_dim,
                         "context": spec.attention_dim}
 
-    def _load_layers(self, session, threads: int | None) -> list:
+    def _load_layers(self, session) -> None:
         spec, manifest, opset = self.spec, self.manifest, self.manifest.opset
         self.in_sessions, self.out_sessions = [], []
         for i in range(spec.num_layers):
-            weights = read_layer_weights(manifest.layer_path(i), spec)
+            weights = read_layer_weights(manifest.layer_path(i), spec, purpose="in-flight batching")
             self.in_sessions.append(session(build_layer_in(spec, weights, manifest.dtype, opset).SerializeToString()))
             self.out_sessions.append(session(build_layer_out(spec, weights, manifest.dtype, opset)
                                              .SerializeToString()))
@@ -49,13 +49,7 @@ class InflightOnnxRuntimeEngine(OnnxRuntimeEngine):
         self._in_io = [PointerBinding(s) for s in self.in_sessions]
         self._out_io = [PointerBinding(s) for s in self.out_sessions]
         self._attention_io = PointerBinding(self.attention_session)
-        return []
 
-    def _layer(self, index, hidden, cache, past, attention_bias, positions):
-        raise BackendError("this engine runs in-flight batching only; load the export with skipdeploy.load for "
-                           "static batches")
-
-    # -- in-flight batching ---------------------------------------------------------------------
     def allocate_slots(self, rows: int, capacity: int) -> SlotCache:
         H, D = self.spec.kv_heads, self.spec.head_dim
         # Zeroed: GroupQueryAttention reads only each row's own positions, but finite memory keeps
@@ -85,9 +79,7 @@ class InflightOnnxRuntimeEngine(OnnxRuntimeEngine):
                new: int) -> None:
         B = len(cached)
         H, D, C = self.spec.kv_heads, self.spec.head_dim, cache.capacity
-        if first < 0 or first + B > cache.rows or int(np.max(cached)) + new > C:
-            raise BackendError(f"layer {index}: slots {first}..{first + B - 1} with {int(np.max(cached)) + new} "
-                               f"positions do not fit the slot cache ({cache.rows} rows of {C})")
+        self.check_slots(index, cache, first, cached, new)
         widths = self._widths
         for (name, width), rows in zip(widths.items(), (query, key, value, context)):
             if rows.shape != (B * new, width) or not rows.flags.c_contiguous:
@@ -95,7 +87,7 @@ class InflightOnnxRuntimeEngine(OnnxRuntimeEngine):
                                    "array")
         seqlens = (np.asarray(cached, np.int32) + (new - 1)).astype(np.int32)
         total = np.array(int(np.max(cached)) + new, np.int32)
-        slot = H * C * D * np.dtype(self.dtype).itemsize
+        slot = H * C * D * np.dtype(self.dtype).itemsize  # bytes of one request's row
         keys = cache.keys[index].ctypes.data + first * slot
         values = cache.values[index].ctypes.data + first * slot
         io = self._attention_io

@@ -2,7 +2,7 @@
 
 The CUDA execution provider (onnxruntime-gpu) is the target: every layer's key and value
 buffers are OrtValues allocated once on the GPU, and each call binds ``past_key`` to the valid
-prefix of the buffer and the ``key``/``value`` outputs straight into the slot after it, by device
+prefix of the buffer and the ``key``/``value`` outputs straight into the positions after it, by device
 pointer, through IOBinding (DESIGN.md section 4). Hidden states stay on the device between
 graphs; token ids, positions and the attention bias are bound from the host (onnxruntime copies
 them to the device), logits come back into a host buffer.
@@ -12,9 +12,9 @@ tested on machines without a GPU. A CUDA session is accepted only when onnxrunti
 it with the CUDA provider: onnxruntime silently falls back to the CPU when the CUDA libraries
 are missing, so the session's own providers are checked, not the available list.
 
-``pad_past`` (the default on CUDA) keeps one masked slot in front of every layer's cache, so
+``pad_past`` (the default on CUDA) keeps one masked position in front of every layer's cache, so
 that no graph ever sees an empty past (P = 0 is fine on the CPU provider, a known hazard on GPU
-providers); the attention bias gets a masked column in front to match (``masked_slot_bias``).
+providers); the attention bias gets a masked column in front to match (``masked_position_bias``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import onnxruntime as ort
 from ..errors import BackendError
 from ..manifest import Manifest
 from ..numerics import numpy_dtype
-from .base import Engine, FlatPool, KVCache, masked_slot_bias
+from .base import FlatPool, KVCache, StaticEngine, masked_position_bias
 from .onnxruntime_engine import session_options
 
 
@@ -63,7 +63,7 @@ def cuda_provider_usable(path, device_id: int = 0) -> tuple[bool, str]:
     return True, ""
 
 
-class OrtValueEngine(Engine):
+class OrtValueEngine(StaticEngine):
     name = "onnxruntime"
 
     def __init__(self, manifest: Manifest, device: str = "cuda", device_id: int = 0, threads: int | None = None,
@@ -114,7 +114,7 @@ class OrtValueEngine(Engine):
 
     def _buffer(self, n: int) -> "ort.OrtValue":
         value = self._new([n], self.dtype)
-        if self.pad:  # the masked slot is read (with zero weight): it must hold finite numbers
+        if self.pad:  # the masked position is read (with zero weight): it must hold finite numbers
             value.update_inplace(np.zeros(n, self.dtype))
         return value
 
@@ -122,7 +122,7 @@ class OrtValueEngine(Engine):
         H, D = self.spec.kv_heads, self.spec.head_dim
         flat_keys, flat_values = self._free.lease([max(1, (cap + self.pad) * batch * H * D) for cap in capacities],
                                                   lambda v: v.shape()[0], self._buffer)
-        offset = self.pad * batch * H * D * np.dtype(self.dtype).itemsize  # the real positions, after the slot
+        offset = self.pad * batch * H * D * np.dtype(self.dtype).itemsize  # the real positions, after the masked one
         shapes = [(cap, batch, H, D) for cap in capacities]
         return KVCache([DeviceArray(flat, shape, self.dtype, offset) for flat, shape in zip(flat_keys, shapes)],
                        [DeviceArray(flat, shape, self.dtype, offset) for flat, shape in zip(flat_values, shapes)],
@@ -144,12 +144,12 @@ class OrtValueEngine(Engine):
 
     def _bias(self, attention_bias: np.ndarray) -> DeviceArray:
         """The step's bias on the device, uploaded once per step (every layer of a step binds the
-        same one), with a masked column in front when the cache has a masked slot."""
+        same one), with a masked column in front when the cache has a masked position."""
         if self._bias_host is not None and self._bias_host.shape == attention_bias.shape \
                 and np.array_equal(self._bias_host, attention_bias):
             return self._bias_value
         self._bias_host = np.array(attention_bias, np.float32, copy=True)
-        padded = masked_slot_bias(self._bias_host, self.pad)
+        padded = masked_position_bias(self._bias_host, self.pad)
         self._bias_value = DeviceArray(ort.OrtValue.ortvalue_from_numpy(padded, self.device, self.device_id),
                                        padded.shape, np.float32)
         return self._bias_value
@@ -173,9 +173,9 @@ class OrtValueEngine(Engine):
         hidden = self._hidden(hidden)
         B, T, E = hidden.shape
         H, D = self.spec.kv_heads, self.spec.head_dim
-        slot = B * H * D * np.dtype(self.dtype).itemsize
+        position = B * H * D * np.dtype(self.dtype).itemsize  # bytes of one cache position
         keys, values = cache.keys[index].value.data_ptr(), cache.values[index].value.data_ptr()
-        P = past + self.pad  # positions bound as the past, the masked slot included
+        P = past + self.pad  # positions bound as the past, the masked one included
         bias = self._bias(attention_bias)
         which = 1 if self._values.get(("hidden", 1, B, T)) is not hidden else 0
         out = self._array(("hidden", which, B, T), (B, T, E), self.dtype)
@@ -188,8 +188,8 @@ class OrtValueEngine(Engine):
         io.bind_input("past_value", dev, i, self.dtype, [P, B, H, D], values)
         io.bind_input("attention_bias", dev, i, np.float32, [B, P + T], bias.ptr)
         io.bind_ortvalue_output("hidden_out", out.value)
-        io.bind_output("key", dev, i, self.dtype, [T, B, H, D], keys + P * slot)
-        io.bind_output("value", dev, i, self.dtype, [T, B, H, D], values + P * slot)
+        io.bind_output("key", dev, i, self.dtype, [T, B, H, D], keys + P * position)
+        io.bind_output("value", dev, i, self.dtype, [T, B, H, D], values + P * position)
         self.layer_sessions[index].run_with_iobinding(io)
         return out
 

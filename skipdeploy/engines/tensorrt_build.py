@@ -14,7 +14,7 @@ uses an entry only when all of them match this machine and export; anything else
 error that says how to rebuild. Plans are executable: build them yourself, never load plans
 from an untrusted source.
 
-Layer profiles never take an empty past: the runtime keeps one masked slot in front of every
+Layer profiles never take an empty past: the runtime keeps one masked position in front of every
 layer's cache (``PAST_PAD``), so the past length the engine sees is at least 1 (profile minimums
 of 0 are a known TensorRT hazard). Profile 0 serves decode steps (one new token, any past up
 to ``max_length``), profile 1 serves prefill (up to ``max_prompt`` new tokens after at most
@@ -43,7 +43,7 @@ from ..manifest import Manifest, read_manifest, sha256_file
 ENGINES_DIR = "engines"
 METADATA = "engines.json"
 ENGINE_FORMAT = 1
-PAST_PAD = 1  # masked cache slots in front of position 0 (see the module docstring)
+PAST_PAD = 1  # masked cache positions in front of position 0 (see the module docstring)
 DECODE_PROFILE, PREFILL_PROFILE = 0, 1
 REBUILD = "skipdeploy build-engines {dir}"
 

@@ -4,12 +4,12 @@ Engines come from ``skipdeploy build-engines DIR`` (see ``tensorrt_build``) and 
 this GPU and TensorRT version; a mismatch is a one-line error that says how to rebuild. Per
 call the runtime sets input shapes (``set_input_shape``), binds every tensor by address
 (``set_tensor_address``): ``past_key`` at the start of the layer's cache buffer, the ``key``
-output straight into the slot after the valid prefix, and enqueues with ``execute_async_v3`` on
+output straight into the positions after the valid prefix, and enqueues with ``execute_async_v3`` on
 the backend's single stream. Nothing is copied per step but the token ids, positions and bias
 (host to device) and the logits (device to host). All execution contexts share one block of
 activation memory (they never run at the same time).
 
-Every layer's cache has one masked slot in front of position 0 (``PAST_PAD``), so that no
+Every layer's cache has one masked position in front of position 0 (``PAST_PAD``), so that no
 engine ever sees an empty past; the bias gets a masked column in front to match.
 
 Device memory comes from torch or CuPy (``cuda_memory``), whichever is installed.
@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import BackendError
 from ..manifest import Manifest
 from ..numerics import numpy_dtype, round_up
-from .base import Engine, FlatPool, KVCache, masked_slot_bias
+from .base import FlatPool, KVCache, StaticEngine, masked_position_bias
 from .cuda_memory import CudaMemory, DeviceBuffer, gpu_identity
 from .tensorrt_build import (DECODE_PROFILE, PAST_PAD, PREFILL_PROFILE, REBUILD, build_engines, find_engines,
                              import_tensorrt)
@@ -119,7 +119,7 @@ class _Graph:
             raise BackendError(f"{self.name}: TensorRT execution failed (see TensorRT's messages above)")
 
 
-class TensorRTEngine(Engine):
+class TensorRTEngine(StaticEngine):
     name = "tensorrt"
 
     def __init__(self, manifest: Manifest, device_id: int = 0, build: bool = False, memory: str | None = None,
@@ -163,7 +163,7 @@ class TensorRTEngine(Engine):
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
         H, D = self.spec.kv_heads, self.spec.head_dim
         item = np.dtype(self.dtype).itemsize
-        # Zeroed at allocation: the masked slot in front is read (with zero weight) and must be finite.
+        # Zeroed at allocation: the masked position in front is read (with zero weight) and must be finite.
         flat_keys, flat_values = self._free.lease([(cap + PAST_PAD) * batch * H * D * item for cap in capacities],
                                                   lambda b: b.nbytes, lambda n: self.memory.alloc(n, zero=True))
         offset = PAST_PAD * batch * H * D * item
@@ -192,7 +192,7 @@ class TensorRTEngine(Engine):
                 and np.array_equal(self._bias_host, attention_bias):
             return self._bias
         self._bias_host = np.array(attention_bias, np.float32, copy=True)
-        padded = masked_slot_bias(self._bias_host, PAST_PAD)
+        padded = masked_position_bias(self._bias_host, PAST_PAD)
         buf = self._buffer(("bias",), padded.nbytes)
         self.memory.upload(buf, padded)
         self._bias = DeviceTensor(self.memory, buf, padded.shape, np.float32)
@@ -238,25 +238,25 @@ class TensorRTEngine(Engine):
         graph = self.layer_graphs[index]
         self._check(graph, profile, shapes, "decode step" if T == 1 else "prompt chunk",
                     "--max-length/--max-batch" if T == 1 else "--max-prompt/--max-batch")
-        slot = B * H * D * np.dtype(self.dtype).itemsize
+        position = B * H * D * np.dtype(self.dtype).itemsize  # bytes of one cache position
         keys, values = cache.keys[index].buffer.ptr, cache.values[index].buffer.ptr
         bias = self._upload_bias(attention_bias)
         which = 1 if hidden.buffer is not self._buffers.get(("hidden", 1)) else 0
         out = self._hidden_out(which, B, T)
         addresses = {"hidden": hidden.ptr, "past_key": keys, "past_value": values, "attention_bias": bias.ptr,
-                     "hidden_out": out.ptr, "key": keys + P * slot, "value": values + P * slot}
+                     "hidden_out": out.ptr, "key": keys + P * position, "value": values + P * position}
         if self.manifest.layers_take_positions:
             shapes["position_ids"] = (B, T)
             addresses["position_ids"] = self._upload_positions(positions, graph).ptr
-        staged = (P * slot) % ALIGNMENT != 0  # TensorRT wants 256-byte aligned tensor addresses
+        staged = (P * position) % ALIGNMENT != 0  # TensorRT wants 256-byte aligned tensor addresses
         if staged:  # rare (hidden size x dtype not a multiple of 256 bytes): write aside, then copy in
-            new = T * slot
+            new = T * position
             stage = self._buffer(("stage",), 2 * round_up(new, ALIGNMENT))
             addresses["key"], addresses["value"] = stage.ptr, stage.ptr + round_up(new, ALIGNMENT)
         graph.run(profile, shapes, addresses, self.memory.stream)
         if staged:
-            self.memory.copy(cache.keys[index].buffer, P * slot, stage, 0, new)
-            self.memory.copy(cache.values[index].buffer, P * slot, stage, round_up(new, ALIGNMENT), new)
+            self.memory.copy(cache.keys[index].buffer, P * position, stage, 0, new)
+            self.memory.copy(cache.values[index].buffer, P * position, stage, round_up(new, ALIGNMENT), new)
         return out
 
     def head(self, hidden) -> np.ndarray:

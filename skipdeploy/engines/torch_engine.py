@@ -1,7 +1,8 @@
 """The PyTorch backend: the same math as the graphs, on the weights the export holds, on CPU or CUDA.
 
 It reads the initializers of the exported ONNX files (so it needs no checkpoint) and runs them
-with plain torch ops, writing keys and values into a preallocated sequence-major cache in place.
+with plain torch ops (``torch_base``, shared with the in-flight ``torch_inflight``), writing keys
+and values into a preallocated sequence-major cache in place.
 
 Two decode paths share the layer math:
 
@@ -24,32 +25,16 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendError
-from ..families import for_model_type
 from ..manifest import Manifest
 from ..numerics import MASK_VALUE, round_up
-from .base import Engine, KVCache
-from .torch_inflight import TorchInflight
+from .base import KVCache, StaticEngine
+from .torch_base import TorchGraphs, torch
 
-try:
-    import onnx
-    import torch
-    from onnx import numpy_helper
-except ImportError as exc:  # pragma: no cover - depends on the install
-    raise BackendError(f"the torch backend needs torch and onnx ({exc}); "
-                       "pip install 'skipdeploy[export]'") from None
-
-_TORCH = {"float32": torch.float32, "float16": torch.float16}
 # Static-cache buffers grow in steps of this many positions, so that nearby request sizes share
 # buffers (and captured graphs).
 BUCKET = 64
 # Released static caches (buffers and their captured graphs) kept for reuse.
 MAX_FREE = 4
-
-
-def _weights(path) -> dict[str, "torch.Tensor"]:
-    model = onnx.load(str(path))
-    return {init.name: torch.from_numpy(numpy_helper.to_array(init).copy()) for init in model.graph.initializer
-            if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and init.dims}
 
 
 @dataclass(eq=False)  # identity: list.remove must not compare tensors
@@ -102,23 +87,14 @@ class _PendingStep:
         return array if dtype is None else array.astype(dtype)
 
 
-class TorchEngine(TorchInflight, Engine):
-    name = "torch"
+class TorchEngine(TorchGraphs, StaticEngine):
+    """Static decoding in torch: the dynamic path, or the static-cache path (``static_cache``,
+    with ``cuda_graphs`` on CUDA)."""
 
     def __init__(self, manifest: Manifest, device: str = "cpu", dtype: str | None = None,
                  cuda_graphs: bool | None = None, static_cache: bool | None = None) -> None:
-        super().__init__(manifest)
-        if manifest.raw.get("quantization"):  # int8 graphs hold no float weights to read
-            raise BackendError(f"{manifest.directory} has {manifest.raw['quantization'].get('weights')} weights; "
-                               "the torch backend runs float exports: use the onnxruntime backend, or the "
-                               "float32 export it was quantized from")
-        self.device = _device(device)
+        super().__init__(manifest, device=device, dtype=dtype)
         cuda = self.device.type == "cuda"
-        if dtype is None:
-            dtype = "float16" if cuda else manifest.dtype
-        if dtype not in _TORCH:
-            raise BackendError(f"the torch backend runs float32 or float16 (got dtype {dtype!r})")
-        self.dtype = _TORCH[dtype]
         if cuda_graphs is None:
             cuda_graphs = cuda
         if cuda_graphs and not cuda:
@@ -127,17 +103,8 @@ class TorchEngine(TorchInflight, Engine):
         self.static_cache = bool(cuda_graphs if static_cache is None else static_cache)
         if self.cuda_graphs and not self.static_cache:
             raise BackendError("CUDA graphs need the static-cache decode path (static_cache=True)")
-        self.family = for_model_type(self.spec.model_type)
-        self.embed_w = self._load(manifest.path("embed"))
-        self.layer_w = [self._load(manifest.layer_path(i)) for i in range(self.spec.num_layers)]
-        self.head_w = self._load(manifest.path("head"))
         self._free: list[_Pool] = []
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
-
-    def _load(self, path) -> dict[str, "torch.Tensor"]:
-        # Norm parameters and RoPE frequencies stay float32 (the graphs compute them in float32 too).
-        return {k: v.to(device=self.device, dtype=torch.float32 if k.startswith(self.family.FP32_PREFIXES)
-                        else self.dtype) for k, v in _weights(path).items()}
 
     # -- cache -------------------------------------------------------------------------------
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
@@ -192,7 +159,7 @@ class TorchEngine(TorchInflight, Engine):
             pool.graphs.clear()
         return pool
 
-    def _free_bytes(self) -> int:
+    def _held_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for pool in self._free for t in pool.keys + pool.values
                    if t is not None)
 
@@ -201,22 +168,7 @@ class TorchEngine(TorchInflight, Engine):
     def embed(self, input_ids: np.ndarray, position_ids: np.ndarray):
         if self.static_cache and input_ids.shape[1] == 1:
             return _PendingStep(self, np.asarray(input_ids, np.int64), np.asarray(position_ids, np.int64))
-        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.as_tensor(position_ids, dtype=torch.long, device=self.device)
-        return self._embed(ids, pos)
-
-    def _embed(self, ids, pos):
-        return self.family.torch_embed(self.embed_w, ids, pos)
-
-    def _layer_input(self, index: int, hidden, positions):
-        return self.family.torch_layer_input(self.layer_w[index], self.spec, hidden, positions, self.dtype)
-
-    def _layer_output(self, index: int, x, context):
-        return self.family.torch_layer_output(self.layer_w[index], self.spec, x, context, self.dtype)
-
-    def _heads(self, t, heads: int):
-        """[..., heads*D] -> [..., heads, D]."""
-        return t.reshape(*t.shape[:-1], heads, self.spec.head_dim)
+        return super().embed(input_ids, position_ids)
 
     @torch.no_grad()
     def _layer(self, index: int, hidden, cache: KVCache, past: int, attention_bias: np.ndarray, positions=None):
@@ -271,12 +223,7 @@ class TorchEngine(TorchInflight, Engine):
     def head(self, hidden) -> np.ndarray:
         if isinstance(hidden, _PendingStep):
             return self._run_pending(hidden)
-        return self._head(hidden).cpu().numpy()
-
-    def _head(self, hidden):
-        w = self.head_w
-        x = self.family.torch_head_input(w, self.spec, hidden[:, -1, :], self.dtype)
-        return (x @ w["lm_head.weight"].T).float()
+        return super().head(hidden)
 
     # -- static decode steps -------------------------------------------------------------------
     def _step(self, pool: _Pool, layers: tuple[int, ...]) -> None:
@@ -352,23 +299,6 @@ class TorchEngine(TorchInflight, Engine):
         pools = [cache.storage] if cache is not None else self._free
         return {(pool.batch, layers) for pool in pools if isinstance(pool, _Pool) for layers in pool.graphs}
 
-    # -- looking inside hidden states ------------------------------------------------------------
-    def to_numpy(self, hidden) -> np.ndarray:
-        if isinstance(hidden, torch.Tensor):
-            return hidden.float().cpu().numpy()
-        return np.asarray(hidden, np.float32)
-
-    def from_numpy(self, array: np.ndarray) -> "torch.Tensor":
-        return torch.from_numpy(np.array(array, np.float32)).to(device=self.device, dtype=self.dtype)
-
-    # -- memory --------------------------------------------------------------------------------
-    def available_memory(self) -> int | None:
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            return int(free) + int(cached) + self._free_bytes()  # released buffers are reused, not added to
-        return super().available_memory()
-
     def close(self) -> None:
         self._free.clear()
 
@@ -380,22 +310,3 @@ def _host_zeros(shape: tuple, dtype) -> "torch.Tensor":
         return torch.zeros(shape, dtype=dtype, pin_memory=True)
     except RuntimeError:
         return torch.zeros(shape, dtype=dtype)
-
-
-def _device(device: str) -> "torch.device":
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise BackendError(f"unknown torch device {device!r}; use 'cpu' or 'cuda' (or 'cuda:N')") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-            raise BackendError(f"the torch backend on {device} needs an NVIDIA GPU and a CUDA build of torch "
-                               f"(this is torch {torch.__version__}, {build}, and sees no GPU)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise BackendError(f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    elif dev.type != "cpu":
-        raise BackendError(f"the torch backend runs on 'cpu' or 'cuda' (got {device!r})")
-    return dev

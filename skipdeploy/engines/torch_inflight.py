@@ -1,25 +1,22 @@
-"""In-flight batching on the torch backend: the reference for the onnxruntime slot path.
+"""In-flight batching on the torch backend: the reference for the onnxruntime in-flight engine.
 
-The same split as ``slot_graphs``: ``layer_in`` and ``layer_out`` run the layer's projections on
-all of its rows, ``attend`` runs plain causal attention for each row over its own slot of a
-[rows, H, C, D] cache (a loop over rows: this backend is the reference, not the fast path).
+The same split as ``exporter/slot_graphs``: ``layer_in`` and ``layer_out`` run the layer's
+projections on all of its rows, ``attend`` runs plain causal attention for each row over its own
+slot of a [rows, H, C, D] cache (a loop over rows: this backend is the reference, not the fast
+path). The weights and the layer math are ``torch_base``'s, shared with the static engine.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from ..errors import BackendError
 from ..numerics import MASK_VALUE
-from .base import SlotCache
+from .base import InflightEngine, SlotCache
+from .torch_base import TorchGraphs, torch
 
 
-class TorchInflight:
-    """Mixed into ``TorchEngine``: it provides ``spec``, ``dtype``, ``device`` and the family's
-    layer math (``_layer_input``, ``_layer_output``)."""
-
-    inflight = True
+class TorchInflightEngine(TorchGraphs, InflightEngine):
+    """In-flight batching in torch (CPU)."""
 
     def allocate_slots(self, rows: int, capacity: int) -> SlotCache:
         shape = (rows, self.spec.kv_heads, capacity, self.spec.head_dim)
@@ -35,8 +32,7 @@ class TorchInflight:
     def attend(self, index: int, query, key, value, context, cache: SlotCache, first: int, cached: np.ndarray,
                new: int) -> None:
         H, Hkv, D = self.spec.num_heads, self.spec.kv_heads, self.spec.head_dim
-        if first < 0 or first + len(cached) > cache.rows or int(np.max(cached)) + new > cache.capacity:
-            raise BackendError(f"layer {index}: slots {first}..{first + len(cached) - 1} do not fit the slot cache")
+        self.check_slots(index, cache, first, cached, new)
         for b, past in enumerate(int(c) for c in cached):
             rows = slice(b * new, (b + 1) * new)
             keys, values = cache.keys[index][first + b], cache.values[index][first + b]   # [H, C, D]

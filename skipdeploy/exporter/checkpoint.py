@@ -20,11 +20,22 @@ def _looks_local(source: str) -> bool:
     return not _HUB_ID.match(source)
 
 
+BUNDLED = "bundled"  # the source name of the model that ships inside the package (skipdeploy.bundled)
+
+
 def local_source(source: str | os.PathLike, log: Callable[[str], None] | None = None) -> str:
     """``source`` as transformers reads it: ``gguf:FILE`` (or ``gguf:smollm2``) becomes the
-    checkpoint directory converted from that file (once, then cached; ``skipdeploy.gguf``)."""
+    checkpoint directory converted from that file (once, then cached; ``skipdeploy.gguf``), and
+    ``"bundled"`` the bundled model's directory (a local directory of that name wins)."""
     from ..gguf import resolve_source
 
+    if str(source) == BUNDLED and not Path(BUNDLED).exists():
+        from ..bundled import bundled_model
+
+        path = bundled_model()
+        if path is None:
+            raise CheckpointError("this installation has no bundled model (skipdeploy/assets/stdlib-opt)")
+        return str(path)
     return resolve_source(str(source), log=log)
 
 
@@ -41,6 +52,9 @@ def load_config(source: str | os.PathLike) -> Any:
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"{source} is a file; pass the checkpoint directory (the one holding config.json)")
+        if (path / "manifest.json").is_file() and not (path / "config.json").is_file():
+            raise CheckpointError(f"{source} is already a skipdeploy export, not a checkpoint: run it as it is "
+                                  f"(skipdeploy generate {source} --prompt TEXT, or skipdeploy serve {source})")
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{source} has no config.json: not a Hugging Face checkpoint directory")
     elif _looks_local(source):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import inspect
 import os
 import shutil
@@ -11,27 +10,23 @@ from pathlib import Path
 from typing import Callable
 
 import onnx
-from onnx import external_data_helper
 
 from .. import __version__
 from ..errors import BackendError, CheckpointError, ExportError, SkipDeployError
 from ..families import for_model_type
-from ..manifest import (FORMAT_VERSION, HEAD_IO, KV_CONTRACT, KV_LAYOUT, Manifest, describe_file, model_spec_dict,
-                        read_manifest, write_manifest)
+from ..manifest import Manifest, read_manifest, write_manifest
 from ..numerics import GRAPH_TOLERANCE
 from ..schedule import LayerSchedule, Schedule
-from . import check, checkpoint, graphs
+from . import check, checkpoint, writer
 from .quantize import SCHEMES, quantize_export
 from .staging import move_into_place, staging_directory
+from .writer import TOKENIZER_FILE
 
 DTYPES = ("float32", "float16")
 MIN_OPSET, DEFAULT_OPSET, MAX_OPSET = 17, 17, 23
-# Past this many bytes of weights a graph keeps them in a side file (protobuf caps files at 2 GiB).
-EXTERNAL_DATA_BYTES = 1 << 30
-TOKENIZER_FILE = "tokenizer.json"
-# The token-embedding matrix, stored once as ONNX external data that embed.onnx and (when the LM
-# head is tied to it, as in OPT) head.onnx both reference: the runtime then holds it once.
-SHARED_EMBEDDINGS = "embeddings.bin"
+# The largest batch an export may declare: the manifest's limit, refused up front past it rather than
+# written down and failing later (a KV cache of that many rows would not fit any machine anyway).
+MAX_BATCH = 4096
 
 
 def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",
@@ -56,12 +51,12 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
     _check_options(dtype, opset, max_batch, quantize, tensorrt)
     out = Path(out).expanduser()
     if out.exists() and not force:  # early, before the slow load; checked again under the lock
-        raise ExportError(f"{out} already exists; pass --force (force=True) to replace it")
+        raise ExportError(f"{out} already exists; pass force=True to replace it")
 
     model = checkpoint.local_source(model, log)  # gguf:FILE -> its converted checkpoint
     spec, hf_model = checkpoint.load_model(model)
     if max_length is None:
-        max_length = min(spec.max_positions, spec.sliding_window or spec.max_positions)
+        max_length = writer.default_max_length(spec)
     if not 1 <= max_length <= spec.max_positions:
         raise ExportError(f"max length must be between 1 and the model's {spec.max_positions} positions "
                           f"(got {max_length})")
@@ -72,8 +67,9 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
     schedule = _default_schedule(schedule, spec, hf_model)
 
     with staging_directory(out, force=force) as tmp:
-        data: dict[str, list[str]] = {}  # graph file -> the external data files it reads
-        errors = _write_graphs(tmp, spec, hf_model, dtype, opset, check_graphs, progress, data)
+        family = for_model_type(spec.model_type)
+        errors, data = writer.write_graphs(tmp, spec, _ModelWeights(family, hf_model, spec), dtype, opset, progress,
+                                           _checker(hf_model, spec, dtype) if check_graphs else None)
         worst = max(errors, key=errors.get) if errors else None
         if worst is not None:
             log(f"checked {len(errors)} graphs against PyTorch: max abs error {errors[worst]:.2e} ({worst})")
@@ -83,28 +79,9 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
                 raise ExportError("graphs disagree with PyTorch beyond " + f"{limit:g}: " +
                                   ", ".join(f"{n} ({e:.2e})" for n, e in bad.items()))
         tokenizer = _copy_tokenizer(model, tmp, log)
-        files = {p.name: describe_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        write_manifest(tmp, {
-            "format_version": FORMAT_VERSION,
-            "model_type": spec.model_type,
-            "model": model_spec_dict(spec),
-            "dtype": dtype,
-            "opset": opset,
-            "kv_contract": KV_CONTRACT,
-            "kv_layout": KV_LAYOUT,
-            "schedule": schedule.to_dict(),
-            "limits": {"max_batch": max_batch, "max_length": max_length},
-            "graphs": {"embed": _graph_entry("embed.onnx", graphs.embed_io(spec), data),
-                       "layers": [_graph_entry(_layer_file(i), graphs.layer_io(spec), data)
-                                  for i in range(spec.num_layers)],
-                       "head": _graph_entry("head.onnx", HEAD_IO, data)},
-            "tokenizer": tokenizer,
-            "files": files,
-            "check": {"tolerance": GRAPH_TOLERANCE[dtype], "max_abs_error": errors},
-            "tools": _tool_versions(),
-            "source": str(model),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        })
+        write_manifest(tmp, writer.manifest_body(
+            tmp, spec, dtype=dtype, opset=opset, schedule=schedule, max_batch=max_batch, max_length=max_length,
+            data=data, tokenizer=tokenizer, errors=errors, tools=_tool_versions(), source=str(model)))
         if quantize is not None:  # quantize_export reads (and verifies) the staged float32 export itself
             manifest = quantize_export(tmp, out, weights=quantize, force=force, progress=progress, log=log,
                                        record_source=False)
@@ -126,15 +103,15 @@ def _check_options(dtype: str, opset: int, max_batch: int, quantize: str | None,
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset must be between {MIN_OPSET} and {MAX_OPSET} (got {opset})")
-    if max_batch < 1:
-        raise ExportError(f"max batch must be >= 1 (got {max_batch})")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH:
+        raise ExportError(f"max_batch must be an integer between 1 and {MAX_BATCH} (got {max_batch!r})")
     if quantize is not None:
         if quantize not in SCHEMES:
             raise ExportError(f"quantize must be one of {', '.join(SCHEMES)} (got {quantize!r})")
         if dtype != "float32":
-            raise ExportError(f"int8 quantization starts from float32 graphs (got --dtype {dtype})")
+            raise ExportError(f"int8 weights are made from float32 graphs (got dtype {dtype})")
         if tensorrt:
-            raise ExportError("--quantize int8 is for the CPU; TensorRT engines are built from float exports")
+            raise ExportError("int8 weights are for the CPU; TensorRT engines are built from float exports")
     if tensorrt:
         _require_tensorrt()
 
@@ -165,100 +142,35 @@ def _require_tensorrt() -> None:
                            "`skipdeploy build-engines DIR` on the GPU machine") from None
 
 
-def _layer_file(index: int) -> str:
-    return f"layer_{index:02d}.onnx"
+class _ModelWeights:
+    """The family's weights of a transformers model, graph by graph (``writer.Weights``)."""
+
+    def __init__(self, family, hf_model, spec) -> None:
+        self.family, self.hf_model, self.spec = family, hf_model, spec
+
+    def embed(self) -> dict:
+        return self.family.embed_weights(self.hf_model, self.spec)
+
+    def layer(self, index: int) -> dict:
+        return self.family.layer_weights(self.hf_model, index, self.spec)
+
+    def head(self) -> dict:
+        return self.family.head_weights(self.hf_model, self.spec)
 
 
-def _graph_entry(filename: str, io: dict, data: dict[str, list[str]]) -> dict:
-    entry = {"file": filename, **io}
-    if data.get(filename):
-        entry["data"] = data[filename]
-    return entry
+def _checker(hf_model, spec, dtype: str) -> writer.Check:
+    """Each graph against transformers' own module on random inputs (a seed per graph)."""
+    seeds = iter(range(1234, 1 << 30))
 
-
-def _write_graphs(tmp: Path, spec, hf_model, dtype: str, opset: int, check_graphs: bool,
-                  progress: bool | None, data: dict[str, list[str]] | None = None) -> dict[str, float]:
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # a progress bar is optional (GPU images may lack tqdm)
-        def tqdm(items, **_):
-            return _NoBar(items)
-
-    family = for_model_type(spec.model_type)
-    jobs = [("embed", "embed.onnx"), *((i, _layer_file(i)) for i in range(spec.num_layers)), ("head", "head.onnx")]
-    errors: dict[str, float] = {}
-    bar = tqdm(jobs, desc="export", unit="graph", disable=None if progress is None else not progress,
-               file=sys.stderr)
-    for job, filename in bar:
-        bar.set_postfix_str(filename)
-        path = tmp / filename
+    def run(job, path: Path) -> float:
+        seed = next(seeds)
         if job == "embed":
-            proto, kind = graphs.build_embed(spec, family.embed_weights(hf_model, spec), dtype, opset), "embed"
-        elif job == "head":
-            proto, kind = graphs.build_head(spec, family.head_weights(hf_model, spec), dtype, opset), "head"
-        else:
-            proto = graphs.build_layer(spec, family.layer_weights(hf_model, job, spec), dtype, opset,
-                                       name=f"layer_{job:02d}")
-            kind = "layer"
-        frozen = graphs.check_symbolic_dims(proto, kind)
-        if frozen:
-            raise ExportError(f"{filename}: dimensions frozen to a number: {', '.join(frozen)}")
-        files = []
-        if job in ("embed", "head") and _share_embeddings(
-                proto, tmp, "embed_tokens.weight" if job == "embed" else "lm_head.weight"):
-            files.append(SHARED_EMBEDDINGS)
-        _save(proto, path)
-        if (tmp / (filename + ".data")).is_file():  # a graph over 1 GiB keeps its weights aside
-            files.append(filename + ".data")
-        if data is not None and files:
-            data[filename] = files
-        if check_graphs:
-            seed = 1234 + len(errors)
-            if job == "embed":
-                errors[filename] = check.check_embed(path, hf_model, spec, seed)
-            elif job == "head":
-                errors[filename] = check.check_head(path, hf_model, spec, dtype, seed)
-            else:
-                errors[filename] = check.check_layer(path, hf_model, job, spec, dtype, seed)
-    bar.close()
-    return errors
+            return check.check_embed(path, hf_model, spec, seed)
+        if job == "head":
+            return check.check_head(path, hf_model, spec, dtype, seed)
+        return check.check_layer(path, hf_model, job, spec, dtype, seed)
 
-
-def _share_embeddings(proto: onnx.ModelProto, tmp: Path, name: str) -> bool:
-    """Move the token-embedding matrix into ``embeddings.bin`` (written with the embed graph) and
-    point the head's matrix at the same bytes when they are identical (a tied head).
-
-    onnxruntime maps external data instead of copying it, so the embedding costs only the rows
-    it gathers, and a tied model keeps one copy of its largest matrix instead of two.
-    """
-    tensor = next((t for t in proto.graph.initializer if t.name == name), None)
-    if tensor is None or not tensor.HasField("raw_data"):
-        return False
-    data, path = tensor.raw_data, tmp / SHARED_EMBEDDINGS
-    if name == "embed_tokens.weight":
-        path.write_bytes(data)
-    elif not path.is_file() or path.stat().st_size != len(data) or path.read_bytes() != data:
-        return False  # an untied head keeps its own matrix inside head.onnx
-    external_data_helper.set_external_data(tensor, SHARED_EMBEDDINGS, offset=0, length=len(data))
-    tensor.ClearField("raw_data")
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    return True
-
-
-class _NoBar(list):
-    def set_postfix_str(self, *_):
-        pass
-
-    def close(self):
-        pass
-
-
-def _save(proto: onnx.ModelProto, path: Path) -> None:
-    if proto.ByteSize() > EXTERNAL_DATA_BYTES:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(path))
+    return run
 
 
 def _copy_tokenizer(model: str | os.PathLike, tmp: Path, log: Callable[[str], None]) -> str | None:

@@ -85,6 +85,12 @@ def value_info(name: str, dtype: int, dims: list) -> onnx.ValueInfoProto:
 def weights_of(b: Builder, w: dict[str, np.ndarray | None], fp32_prefixes: tuple[str, ...] = ("ln_",)):
     """``W(key)``: the initializer name of weight ``key`` (None when the model has none); norm
     parameters (names starting with ``fp32_prefixes``) stay float32."""
+    added: dict[str, str] = {}
+
     def W(key: str) -> str | None:
-        return None if w.get(key) is None else b.weight(key, w[key], keep_fp32=key.startswith(fp32_prefixes))
+        if w.get(key) is None:
+            return None
+        if key not in added:  # a family may ask twice ("is there a final norm?"): one initializer
+            added[key] = b.weight(key, w[key], keep_fp32=key.startswith(fp32_prefixes))
+        return added[key]
     return W

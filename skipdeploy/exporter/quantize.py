@@ -62,7 +62,7 @@ def quantize_export(source: str | os.PathLike, out: str | os.PathLike, *, weight
     if out.resolve() == src.directory.resolve():
         raise ExportError("the quantized export needs its own directory (--out differs from the source)")
     if out.exists() and not force:  # early; checked again under the lock
-        raise ExportError(f"{out} already exists; pass --force (force=True) to replace it")
+        raise ExportError(f"{out} already exists; pass force=True to replace it")
 
     from tqdm.auto import tqdm
 

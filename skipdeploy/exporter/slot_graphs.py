@@ -14,35 +14,19 @@ all of its rows at once; the attention runs over each row's own keys:
 - ``layer_out`` (per layer): ``hidden`` [N, E] (the residual) and ``context`` [N, H*D] ->
   ``hidden_out`` [N, E].
 
-They are built in memory from the weights of an export's layer graphs (the same math as
-``graphs.build_layer``: the family's same ``layer_input`` and ``layer_output``), so every
-float export serves in-flight without re-exporting.
+They are built in memory from the weights of an export's layer graphs, read by
+``families.weights.read_layer_weights`` (the same math as ``graphs.build_layer``: the family's same
+``layer_input`` and ``layer_output``), so every float export serves in-flight without re-exporting.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
-from ..errors import BackendError
 from ..families import for_model_type
 from ..manifest import ModelSpec
 from .onnx_builder import ONNX_DTYPE, Builder, value_info, weights_of
-
-
-def read_layer_weights(path: str | Path, spec: ModelSpec) -> dict[str, np.ndarray | None]:
-    """The named weights of an exported layer graph (its family's ``LAYER_WEIGHTS``)."""
-    family = for_model_type(spec.model_type)
-    model = onnx.load(str(path))
-    found = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer
-             if init.name in family.LAYER_WEIGHTS}
-    if any(name not in found for name in family.REQUIRED_WEIGHTS):
-        raise BackendError(f"{path} holds no float layer weights (an int8 export?): in-flight batching runs "
-                           "float32 exports; serve the float32 export it was quantized from")
-    return {name: found.get(name) for name in family.LAYER_WEIGHTS}
 
 
 def build_layer_in(spec: ModelSpec, w: dict, dtype: str, opset: int) -> onnx.ModelProto:

@@ -46,7 +46,7 @@ def staging_directory(out: Path, *, force: bool = False) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     with _sigterm_raises(), output_lock(out):
         if out.exists() and not force:
-            raise ExportError(f"{out} already exists; pass --force (force=True) to replace it")
+            raise ExportError(f"{out} already exists; pass force=True to replace it")
         _remove_stale_partials(out)
         tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()

@@ -3,7 +3,8 @@
 A family (OPT, Llama, ...) is one object that knows, for its checkpoints:
 - the config: which fields make the ``ModelSpec`` and what is refused (``spec``);
 - the weights: how the Hugging Face modules map onto the export's named layer weights
-  (``layer_weights``, ``embed_weights``, ``head_weights``, ``LAYER_WEIGHTS``), in [in, out] layout;
+  (``layer_weights``, ``embed_weights``, ``head_weights``; their names ``LAYER_WEIGHTS``,
+  ``EMBED_WEIGHTS``, ``HEAD_WEIGHTS``, read back by ``families.weights``), in [in, out] layout;
 - the graphs: the parts of a layer before and after attention on rows [N, E] (``layer_input``,
   ``layer_output``), the embedding and what precedes the LM head, written with
   ``exporter.onnx_builder.Builder``; the attention between them is shared (``exporter.graphs``);
@@ -41,7 +42,11 @@ class Family:
     model_types: tuple[str, ...] = ()
     # Whether layer graphs take ``position_ids`` (RoPE) and the embedding does not.
     rope = False
+    # The named weights of each exported graph (initializer names; section 3 of DESIGN.md): what
+    # ``layer_weights``/``embed_weights``/``head_weights`` write and ``families.weights`` reads back.
     LAYER_WEIGHTS: tuple[str, ...] = ()
+    EMBED_WEIGHTS: tuple[str, ...] = ("embed_tokens.weight",)
+    HEAD_WEIGHTS: tuple[str, ...] = ("lm_head.weight",)
     # Weights whose presence tells a float layer graph from a quantized one.
     REQUIRED_WEIGHTS: tuple[str, ...] = ("qkv.weight",)
     # Weight matrices of the MLP (the cost model's multiply-adds): 2 (up, down) or 3 (gated).

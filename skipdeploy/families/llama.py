@@ -59,6 +59,7 @@ class Llama(Family):
     rope = True
     LAYER_WEIGHTS = ("ln_attn.weight", "qkv.weight", "qkv.bias", "out_proj.weight", "out_proj.bias",
                      "ln_ffn.weight", "gate_up.weight", "gate_up.bias", "down.weight", "down.bias", "rope.inv_freq")
+    HEAD_WEIGHTS = ("lm_head.weight", "final_layer_norm.weight")
     REQUIRED_WEIGHTS = ("qkv.weight", "gate_up.weight")
     MLP_MATRICES = 3  # SwiGLU: gate, up, down
     FP32_PREFIXES = ("ln_", "final_layer_norm", "rope.")

@@ -23,6 +23,8 @@ class OPT(Family):
     model_types = ("opt",)
     LAYER_WEIGHTS = ("ln_attn.weight", "ln_attn.bias", "qkv.weight", "qkv.bias", "out_proj.weight", "out_proj.bias",
                      "ln_ffn.weight", "ln_ffn.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+    EMBED_WEIGHTS = ("embed_tokens.weight", "embed_positions.weight", "project_in.weight")
+    HEAD_WEIGHTS = ("lm_head.weight", "project_out.weight", "final_layer_norm.weight", "final_layer_norm.bias")
     REQUIRED_WEIGHTS = ("qkv.weight", "fc1.weight")
 
     # -- checkpoint ----------------------------------------------------------------------------

@@ -24,10 +24,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import CapacityError, InputError, NumericalError
+from ..errors import InputError, NumericalError
 from ..schedule import LayerSchedule
-from .inputs import (DEFAULT, PaddedBatch, check_positions, check_schedule, eos_ids, prompt_rows,
-                     request_config)
+from .inputs import DEFAULT, PaddedBatch
 from .kv import check_cached, plan_capacities
 from .sampling import GenerationConfig, TokenPicker
 
@@ -36,10 +35,15 @@ from .sampling import GenerationConfig, TokenPicker
 class Step:
     """One generated token per row (``None`` for rows that had already finished)."""
 
-    index: int
+    token_index: int  # which generated token: 0 comes from the prefill, token i > 0 from decode step i - 1
     tokens: list[int | None]
     layers: int  # decoder layers run to produce these tokens
     finished: list[bool]
+
+    @property
+    def index(self) -> int:
+        """Alias of ``token_index`` (its older name; it counts tokens, not decode steps)."""
+        return self.token_index
 
 
 @dataclass
@@ -92,22 +96,20 @@ class Generator:
                  schedule: LayerSchedule | None = None, *, config: GenerationConfig | None = None,
                  eos_token_id=DEFAULT, output_logits: bool = False, **knobs) -> None:
         spec, manifest = runtime.spec, runtime.manifest
-        self.config = config = request_config(config, max_new_tokens, knobs, spec.vocab_size)
+        checked = runtime.core.check_request(input_ids, max_new_tokens, schedule, config, knobs, eos_token_id,
+                                             default_schedule=manifest.schedule, max_length=runtime.max_length,
+                                             holder="this export", max_batch=manifest.limits.get("max_batch"))
+        self.config = config = checked.config
         self.runtime, self.engine = runtime, runtime.engine
         if config.stop_strings:
             if runtime.manifest.tokenizer_path is None:  # stop strings need text: fail now, not mid-generation
                 raise InputError(f"stop strings need the model's tokenizer and the export "
                                  f"{runtime.manifest.directory} has none: stop on token ids instead "
                                  "(stop_token_ids, --stop-token-id)")
-        self.schedule = schedule = check_schedule(schedule or manifest.schedule, spec.num_layers)
-        self.rows = rows = prompt_rows(input_ids, spec.vocab_size)
+        self.schedule = schedule = checked.schedule
+        self.rows = rows = checked.rows
         B, N, Tp = len(rows), config.max_new_tokens, max(len(r) for r in rows)
-        max_batch = manifest.limits.get("max_batch")
-        if max_batch and B > max_batch:
-            raise CapacityError(f"batch of {B} exceeds the {max_batch} rows this export was sized for; "
-                                "re-export with a larger --max-batch")
-        check_positions(Tp, N, runtime.max_length, "this export")
-        self.eos = eos_ids(eos_token_id, spec.eos_token_id)
+        self.eos = checked.eos
         self.batch = PaddedBatch.left_pad(rows, spec.pad_id, N)
         self.cache = runtime.allocate_cache(plan_capacities(schedule, Tp, N), B)
         self.valid = [0] * spec.num_layers  # cached positions per layer, checked against the schedule
@@ -240,7 +242,8 @@ class Generator:
     def _locate_non_finite(self, ids, positions, layers, past: int, bias) -> None:
         """Replay the forward pass checking every layer's output; raise naming the first bad one.
 
-        The replay writes the same keys and values into the same slots, so the cache is unchanged.
+        The replay writes the same keys and values into the same cache positions, so the cache is
+        unchanged.
         """
         engine = self.engine
         where = "the embedding"

@@ -21,6 +21,9 @@ def request_config(config: GenerationConfig | None, max_new_tokens: int | None, 
     unknown = set(knobs) - set(GenerationConfig.__dataclass_fields__)
     if unknown:
         raise InputError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
+    if config is None and knobs.get("temperature") is None and \
+            ((knobs.get("top_k") or 0) > 0 or (knobs.get("top_p") or 1.0) < 1.0):
+        knobs = {**knobs, "temperature": 1.0}  # as every door: top-k/top-p alone sample (request_params)
     return (config or GenerationConfig()).updated(max_new_tokens=max_new_tokens, **knobs).validate(vocab_size)
 
 

@@ -1,9 +1,10 @@
 """A loaded export: ``generate`` token ids or text, ``stream`` them, ``score`` given text.
 
 Every call drives a :class:`Generator` (``runtime/generator.py``), which owns its cache; the
-runtime holds the engine, the tokenizer and the one lock that a forward pass takes. The runtime
-core imports numpy, onnxruntime (through the engine) and tokenizers only: no torch, no
-transformers.
+runtime holds an :class:`~skipdeploy.runtime.core.EngineCore` (the manifest, the static engine,
+the tokenizer, the memory budget: what ``ServingEngine`` holds too) and the one lock that a forward
+pass takes. The runtime core imports numpy, onnxruntime (through the engine) and tokenizers only:
+no torch, no transformers.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..engines import Engine, KVCache, create_engine
-from ..errors import CapacityError, InputError
-from ..manifest import Manifest, read_manifest
+from ..engines import KVCache, StaticEngine
+from ..errors import InputError
+from ..manifest import Manifest
 from ..numerics import itemsize
 from ..schedule import LayerSchedule
 from .generator import GenerationResult, Generator, Step
+from .core import EngineCore, check_memory_limit, open_engine
 from .inputs import prompt_rows
-from .kv import cache_bytes, format_bytes
+from .kv import cache_bytes
+from .sampling import GenerationConfig
+from .text import CompletionText
 from .tokenizer import Tokenizer
 
 
@@ -30,13 +34,14 @@ class Runtime:
     """A loaded export. It may be shared between threads: each forward pass holds the engine,
     and every generation owns its own KV cache, so concurrent generations interleave by step."""
 
-    def __init__(self, manifest: Manifest, engine: Engine, memory_limit: int | None = None) -> None:
-        self.manifest = manifest
-        self.engine = engine
-        self.spec = manifest.model
-        self.memory_limit = memory_limit
+    def __init__(self, manifest: Manifest, engine: StaticEngine, memory_limit: int | None = None) -> None:
+        self.core = EngineCore(manifest, engine, memory_limit)
+        self.manifest, self.engine, self.spec = manifest, engine, manifest.model
         self.engine_lock = threading.Lock()
-        self._tokenizer: Tokenizer | None = None
+
+    @property
+    def memory_limit(self) -> int | None:
+        return self.core.memory_limit
 
     @property
     def max_length(self) -> int:
@@ -45,17 +50,14 @@ class Runtime:
     # -- text ------------------------------------------------------------------------------
     @property
     def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            path = self.manifest.tokenizer_path
-            if path is None:
-                raise InputError(f"the export {self.manifest.directory} has no tokenizer "
-                                 "(its checkpoint had none): pass token ids instead of text")
-            self._tokenizer = Tokenizer(path)
-        return self._tokenizer
+        return self.core.tokenizer
 
     def generate_text(self, prompts: Sequence[str], max_new_tokens: int | None = None, **kwargs) -> GenerationResult:
+        """``generate`` from text; each row's text ends before its first stop string (every door's rule)."""
         result = self.generate([self.tokenizer.encode(p) for p in prompts], max_new_tokens, **kwargs)
-        result.text = [self.tokenizer.decode(t) for t in result.tokens]
+        config = kwargs.get("config") or GenerationConfig()
+        stop = config.updated(stop_strings=kwargs.get("stop_strings")).stop_strings
+        result.text = [CompletionText(self.tokenizer.decode, stop, t).text() for t in result.tokens]
         return result
 
     # -- tokens ----------------------------------------------------------------------------
@@ -110,13 +112,8 @@ class Runtime:
     def allocate_cache(self, capacities: list[int], batch: int) -> KVCache:
         """A new cache from the engine, refused up front when it does not fit."""
         need = cache_bytes(capacities, batch, self.spec.kv_heads, self.spec.head_dim, itemsize(self.manifest.dtype))
-        available = self.engine.available_memory()
-        if self.memory_limit is not None:
-            available = min(self.memory_limit, available) if available is not None else self.memory_limit
-        if available is not None and need > available:
-            raise CapacityError(f"the KV cache needs {format_bytes(need)} for this request and only "
-                                f"{format_bytes(available)} is available; use a smaller batch, fewer new tokens "
-                                "or a shorter prompt")
+        self.core.check_fits(need, "the KV cache needs {need} for this request",
+                             "use a smaller batch, fewer new tokens or a shorter prompt")
         return self.engine.allocate(capacities, batch)
 
     def close(self) -> None:
@@ -128,19 +125,15 @@ def load(directory: str | Path, backend: str = "onnxruntime", check_files: bool 
     """Load an export directory: checks the manifest and, with ``check_files``, every file's sha256.
 
     ``memory_limit`` caps the bytes a request's KV cache may take (default: what the device has
-    free); ``options`` go to the backend (e.g. ``threads`` for onnxruntime, ``device`` for torch).
+    free); ``options`` go to the backend (``device``, ``threads``: at most the machine's cores, and
+    the backend's own, e.g. ``dtype`` for torch). The same core opens ``ServingEngine``'s export.
     """
     if "verify" in options:  # the keyword's old name; `skipdeploy verify` checks numerics, this checksums
         warnings.warn("load(verify=...) is now load(check_files=...)", DeprecationWarning, stacklevel=2)
         check_files = options.pop("verify")
-    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, (int, np.integer))
-                                     or memory_limit < 1):
-        raise InputError(f"memory_limit must be a number of bytes >= 1 (got {memory_limit!r})")
-    threads = options.get("threads")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
-        raise InputError(f"threads must be an integer >= 1 (got {threads!r}); leave it out to use every core")
-    manifest = read_manifest(directory, verify=check_files)
-    return Runtime(manifest, create_engine(backend, manifest, **options), memory_limit=memory_limit)
+    memory_limit = check_memory_limit(memory_limit)
+    manifest, engine = open_engine(directory, backend=backend, check_files=check_files, **options)
+    return Runtime(manifest, engine, memory_limit=memory_limit)
 
 
 def _log_softmax(logits) -> np.ndarray:

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..request_params import PYTHON, check
 
 
 @dataclass(frozen=True)
@@ -32,25 +33,15 @@ class GenerationConfig:
         return self.temperature > 0
 
     def validate(self, vocab_size: int) -> "GenerationConfig":
-        """Every knob in range, or an InputError naming it (never a numpy traceback later)."""
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be an integer >= 1 (got {self.max_new_tokens!r})")
-        if not _is_number(self.temperature) or self.temperature < 0:
-            raise InputError(f"temperature must be >= 0 (got {self.temperature!r}); 0 means greedy")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise InputError(f"top_k must be an integer >= 0 (got {self.top_k!r}); 0 means off")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1] (got {self.top_p!r}); 1 means off")
-        if not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0:
-            raise InputError(f"repetition_penalty must be > 0 (got {self.repetition_penalty!r}); 1 means off")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
-            raise InputError(f"seed must be an integer in [0, 2**64) (got {self.seed!r})")
-        for t in self.stop_token_ids:
-            if not _is_int(t) or not 0 <= t < vocab_size:
+        """Every knob checked as every door checks it (``request_params.check``: one range per
+        field), normalized (a negative seed modulo 2**64, top_k -1 as 0), and stop token ids
+        inside the vocabulary; an InputError names the keyword."""
+        values = {name: check(name, getattr(self, attr), PYTHON.spelled(name))
+                  for name, attr in _FIELDS.items() if getattr(self, attr) is not None}
+        for t in values.get("stop_token_ids", ()):
+            if not 0 <= t < vocab_size:
                 raise InputError(f"stop token id {t} is outside the vocabulary [0, {vocab_size})")
-        if any(not isinstance(s, str) or not s for s in self.stop_strings):
-            raise InputError("stop strings must not be empty")
-        return self
+        return replace(self, **{_FIELDS[name]: value for name, value in values.items()})
 
     def finish_reason(self, token: int, generated: list[int], eos: set[int], decode) -> str | None:
         """Why a row ends at ``token`` (the last of ``generated``): "eos", "stop" (a stop token id,
@@ -72,12 +63,10 @@ class GenerationConfig:
         return replace(self, **changes)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return (_is_int(value) or isinstance(value, (float, np.floating))) and bool(np.isfinite(value))
+# request_params' field -> this class's attribute
+_FIELDS = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+           "repetition_penalty": "repetition_penalty", "seed": "seed", "stop_token_ids": "stop_token_ids",
+           "stop": "stop_strings"}
 
 
 class TokenPicker:

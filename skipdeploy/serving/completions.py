@@ -15,7 +15,7 @@ from fastapi.responses import Response, StreamingResponse
 from ..errors import CapacityError, InputError, SkipDeployError
 from . import openai_api as api
 from .engine import QueueFullError, ServingEngine
-from .text import CompletionText
+from ..runtime.text import CompletionText
 
 RETRY = {"Retry-After": "1"}
 
@@ -107,7 +107,7 @@ class Reply:
                 request = self.requests[index]
                 if token is not None:  # one chunk per token: text held back (a stop's start) comes later
                     delta = texts[index].add(token)
-                    layers = request.layers_per_step[len(texts[index].tokens) - 1]
+                    layers = request.layers_per_token[len(texts[index].tokens) - 1]
                     step = {"token_ids": [token], "layers_per_token": [layers]}
                     yield api.sse(self._body([api.choice(index, delta, None, step)]))
                     continue

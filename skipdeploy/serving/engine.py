@@ -26,13 +26,11 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..engines import create_engine
 from ..errors import CapacityError, InputError, SkipDeployError
-from ..manifest import read_manifest
 from ..numerics import itemsize
+from ..runtime.core import EngineCore, check_integer, check_memory_limit, open_engine
 from ..runtime.generator import GenerationResult
-from ..runtime.inputs import DEFAULT, check_positions, check_schedule, eos_ids, prompt_rows, request_config
-from ..runtime.kv import format_bytes
+from ..runtime.inputs import DEFAULT, check_schedule
 from ..runtime.sampling import GenerationConfig
 from ..runtime.tokenizer import Tokenizer
 from ..schedule import LayerSchedule
@@ -59,42 +57,40 @@ class ServingEngine:
     that a new request's first token waits for prompts only (lower time to first token; the
     running rows skip that iteration, never two in a row). ``observer``: an object whose optional methods ``on_iteration(stats,
     seconds)`` and ``on_finish(request)`` the engine's thread calls (the server's metrics).
+    ``backend``, ``device``, ``threads``, ``check_files``, ``memory_limit`` and the backend's own
+    options mean what they mean to ``skipdeploy.load``: both open the export through
+    ``runtime.core``. ``engine`` is the backend engine (an ``InflightEngine``).
     """
 
-    def __init__(self, directory: str | Path, *, backend: str = "onnxruntime", threads: int | None = None,
-                 max_batch: int = 16, max_queue: int = 64, max_length: int | None = None, prefill_chunk: int = 64,
-                 policy: str = "continuous", align_steps: int = 16, prefill_first: bool = True,
-                 schedule: LayerSchedule | None = None,
-                 check_files: bool = True, memory_limit: int | None = None, observer=None) -> None:
-        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk),
-                            ("align_steps", align_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_queue" else 1):
-                raise InputError(f"{name} must be an integer >= {0 if name == 'max_queue' else 1} (got {value!r})")
+    def __init__(self, directory: str | Path, *, backend: str = "onnxruntime", device: str | None = None,
+                 threads: int | None = None, max_batch: int = 16, max_queue: int = 64, max_length: int | None = None,
+                 prefill_chunk: int = 64, policy: str = "continuous", align_steps: int = 16,
+                 prefill_first: bool = True, schedule: LayerSchedule | None = None, check_files: bool = True,
+                 memory_limit: int | None = None, observer=None, **backend_options) -> None:
+        for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
+                                 ("prefill_chunk", prefill_chunk, 1), ("align_steps", align_steps, 1)):
+            check_integer(name, value, low)
         if policy not in POLICIES:
             raise InputError(f"unknown admission policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        self.manifest = read_manifest(directory, verify=check_files)
-        self.spec = self.manifest.model
-        self.max_length = min(max_length or self.manifest.max_length, self.manifest.max_length)
-        if self.max_length < 2:
-            raise InputError(f"max_length must be >= 2 (got {max_length})")
-        self.schedule = check_schedule(schedule or self.manifest.schedule, self.spec.num_layers)
-        options = {"threads": threads} if threads and backend == "onnxruntime" else {}
-        self.engine = create_engine(backend, self.manifest, inflight=True, **options)
+        memory_limit = check_memory_limit(memory_limit)
+        manifest, engine = open_engine(directory, backend=backend, device=device, inflight=True, threads=threads,
+                                       check_files=check_files, max_length=max_length, **backend_options)
+        # The same core as Runtime's: ``engine`` is the backend engine, ``core`` what surrounds it.
+        self.core = EngineCore(manifest, engine, memory_limit, inflight=True)
+        self.manifest, self.engine, self.spec = manifest, engine, manifest.model
+        self.max_length = max_length or manifest.max_length
+        self.schedule = check_schedule(schedule or manifest.schedule, self.spec.num_layers)
         self.max_batch, self.max_queue, self.prefill_chunk, self.policy = max_batch, max_queue, prefill_chunk, policy
         self.align_steps, self.prefill_first = align_steps, prefill_first
         self._prompts_only = False  # whether the last iteration held the decoding rows back
         self.iterations = 0
         self.slot_bytes = 2 * self.spec.num_layers * self.max_length * self.spec.kv_dim * \
             itemsize(self.manifest.dtype)
-        need, free = self.slot_bytes * max_batch, self.engine.available_memory()
-        if memory_limit is not None:
-            free = min(free, memory_limit) if free is not None else memory_limit
-        if free is not None and need > free:
-            raise CapacityError(f"{max_batch} slots of {self.max_length} positions need {format_bytes(need)} of KV "
-                                f"cache and {format_bytes(free)} is available; lower max_batch or max_length")
+        self.core.check_fits(self.slot_bytes * max_batch,
+                             f"{max_batch} slots of {self.max_length} positions need {{need}} of KV cache",
+                             "lower max_batch or max_length")
         self.cache = self.engine.allocate_slots(max_batch, self.max_length)
         self.observer = observer
-        self._tokenizer: Tokenizer | None = None
         self._queue: deque[Request] = deque()
         self._running: list[Request] = []
         self._free_slots = list(range(max_batch - 1, -1, -1))
@@ -106,11 +102,7 @@ class ServingEngine:
     # -- text ------------------------------------------------------------------------------------
     @property
     def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            if self.manifest.tokenizer_path is None:
-                raise InputError(f"the export {self.manifest.directory} has no tokenizer: pass token ids")
-            self._tokenizer = Tokenizer(self.manifest.tokenizer_path)
-        return self._tokenizer
+        return self.core.tokenizer
 
     # -- requests --------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], max_new_tokens: int | None = None, schedule: LayerSchedule | None = None,
@@ -119,14 +111,13 @@ class ServingEngine:
         """Queue one prompt (token ids); returns its :class:`Request` at once. Called from a running
         asyncio loop, the request can also be read with ``async for token in request.astream()``.
         Bad input raises here (``InputError``, ``CapacityError``); a full queue ``QueueFullError``."""
-        config = request_config(config, max_new_tokens, knobs, self.spec.vocab_size)
+        checked = self.core.check_request([prompt], max_new_tokens, schedule, config, knobs, eos_token_id,
+                                          default_schedule=self.schedule, max_length=self.max_length,
+                                          holder="this engine")
+        config = checked.config
         if config.stop_strings:
             self.tokenizer  # noqa: B018 - stop strings need text: fail now, not mid-generation
-        schedule = check_schedule(schedule or self.schedule, self.spec.num_layers)
-        row = prompt_rows([prompt], self.spec.vocab_size)[0]
-        check_positions(len(row), config.max_new_tokens, self.max_length, "this engine")
-        eos = eos_ids(eos_token_id, self.spec.eos_token_id)
-        request = Request(row, config, schedule, eos, self.spec.num_layers, request_id)
+        request = Request(checked.rows[0], config, checked.schedule, checked.eos, self.spec.num_layers, request_id)
         try:
             request.attach_loop(asyncio.get_running_loop())
         except RuntimeError:

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..engines import Engine
-from ..engines.base import SlotCache
+from ..engines import InflightEngine, SlotCache
 from ..errors import NumericalError
 from ..runtime.kv import check_cached
 from .request import Request
@@ -72,7 +71,7 @@ def plan(running: list[Request], prefill_budget: int, prefill_first: bool = Fals
     return parts
 
 
-def run(engine: Engine, cache: SlotCache, parts: list[_Part]) -> tuple[np.ndarray, IterationStats]:
+def run(engine: InflightEngine, cache: SlotCache, parts: list[_Part]) -> tuple[np.ndarray, IterationStats]:
     """The forward pass of ``parts``; returns the logits [n, V] of the parts that produce a token."""
     L = engine.spec.num_layers
     offsets = np.cumsum([0] + [len(p.ids) for p in parts])
@@ -107,7 +106,7 @@ def run(engine: Engine, cache: SlotCache, parts: list[_Part]) -> tuple[np.ndarra
     return logits, stats
 
 
-def _attend(engine: Engine, cache: SlotCache, layer: int, members: list[_Part], query, key, value, context) -> None:
+def _attend(engine: InflightEngine, cache: SlotCache, layer: int, members: list[_Part], query, key, value, context) -> None:
     """Attention for the layer's rows: one call per run of consecutive decode slots, one per prompt
     chunk; then each member's cached length grows by its new positions."""
     run: list[_Part] = []

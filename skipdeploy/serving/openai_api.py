@@ -3,7 +3,7 @@
 
 Parameters follow ``POST /v1/completions`` (prompt, max_tokens, temperature, top_p, n, seed,
 stop, stream, stream_options, echo, model), plus the extensions ``skipdecode`` (a schedule, as
-``schedule_options``), ``top_k`` and ``repetition_penalty``. Unknown fields are ignored, as
+``request_params``), ``top_k`` and ``repetition_penalty``. Unknown fields are ignored, as
 OpenAI does; fields the engine cannot honour (logprobs, best_of > n, suffix, logit_bias,
 presence/frequency penalties) are a 400 rather than silently dropped. docs/serving.md is the
 user's side of this module.
@@ -12,19 +12,13 @@ user's side of this module.
 from __future__ import annotations
 
 import json
-import math
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from ..errors import SkipDeployError
-from ..schedule_options import schedule_from_options
+from ..request_params import OPENAI, RequestError, RequestParams
+from ..request_params import parse as parse_request
 
-DEFAULT_MAX_TOKENS = 16       # OpenAI's default
-DEFAULT_TEMPERATURE = 1.0     # OpenAI's default; 0 is greedy
-MAX_CHOICES = 128             # prompts x n in one request
-MAX_STOP = 4                  # stop sequences, as OpenAI
-MAX_STOP_CHARS = 256
 _UNSUPPORTED_ZERO = ("presence_penalty", "frequency_penalty")
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
@@ -59,39 +53,35 @@ def from_validation_errors(errors: Sequence[dict]) -> APIError:
 
 
 # -- request ----------------------------------------------------------------------------------------
+MAX_CHOICES = 128             # prompts x n in one request
+
+
 @dataclass
 class CompletionParams:
     prompts: list              # each a str or a list of token ids
+    sampling: RequestParams    # the request's meaning, as every door reads it
     model: str | None = None
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    temperature: float = DEFAULT_TEMPERATURE
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
     n: int = 1
     echo: bool = False
     stream: bool = False
     include_usage: bool = False
-    skipdecode: dict | None = None
-    ignore_eos: bool = False
+
+    @property
+    def max_tokens(self) -> int:
+        return self.sampling.max_new_tokens
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return self.sampling.stop
 
     def knobs(self, index: int) -> dict:
         """``ServingEngine.submit`` keywords of choice ``index``: with a seed, choice i draws from
         ``seed + i`` (mod 2**64), so choice 0 is what the same request with n=1 returns."""
-        seed = None if self.seed is None else (self.seed + index) % 2**64
-        knobs = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                     repetition_penalty=self.repetition_penalty, seed=seed, stop_strings=self.stop)
-        return {**knobs, "eos_token_id": None} if self.ignore_eos else knobs
+        return self.sampling.knobs(seed_offset=index)
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
 
 def _field(body: dict, name: str, check: Callable[[Any], bool], what: str, default: Any = None) -> Any:
@@ -104,18 +94,16 @@ def _field(body: dict, name: str, check: Callable[[Any], bool], what: str, defau
 
 
 def parse_completion(body: dict) -> CompletionParams:
-    """Check every field's type and range that does not depend on the model; raise APIError (400)."""
+    """Check every field's type and range that does not depend on the model; raise APIError (400).
+    The sampling and schedule fields are ``request_params``' (one meaning for every door)."""
     if not isinstance(body, dict):
         raise invalid("the body must be a JSON object", code="invalid_body")
     model = _field(body, "model", lambda v: isinstance(v, str), "a string")
     prompts = _prompts(body.get("prompt"))
-    max_tokens = _field(body, "max_tokens", lambda v: _is_int(v) and v >= 1, "an integer >= 1", DEFAULT_MAX_TOKENS)
-    temperature = _field(body, "temperature", lambda v: _is_number(v) and 0 <= v <= 2, "a number in [0, 2]",
-                         DEFAULT_TEMPERATURE)
-    top_p = _field(body, "top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]", 1.0)
-    top_k = _field(body, "top_k", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: off)", 0)
-    penalty = _field(body, "repetition_penalty", lambda v: _is_number(v) and v > 0, "a number > 0 (1: off)", 1.0)
-    seed = _field(body, "seed", lambda v: _is_int(v) and -2**63 <= v < 2**64, "a 64-bit integer")
+    try:
+        sampling = parse_request(body, OPENAI)  # unknown keys ignored, as OpenAI does
+    except RequestError as exc:
+        raise invalid(str(exc), exc.param) from None
     n = _field(body, "n", lambda v: _is_int(v) and 1 <= v <= MAX_CHOICES, f"an integer in [1, {MAX_CHOICES}]", 1)
     if len(prompts) * n > MAX_CHOICES:
         raise invalid(f"{len(prompts)} prompts x n={n} asks for more than {MAX_CHOICES} completions", "n")
@@ -123,12 +111,8 @@ def parse_completion(body: dict) -> CompletionParams:
     stream = _field(body, "stream", lambda v: isinstance(v, bool), "a boolean", False)
     options = _field(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
     include_usage = _field(options, "include_usage", lambda v: isinstance(v, bool), "a boolean", False)
-    skipdecode = _field(body, "skipdecode", lambda v: isinstance(v, dict), "an object")
-    ignore_eos = _field(body, "ignore_eos", lambda v: isinstance(v, bool), "a boolean", False)  # as vLLM's
     _unsupported(body, n)
-    return CompletionParams(prompts, model, max_tokens, float(temperature), float(top_p), top_k, float(penalty),
-                            None if seed is None else seed % 2**64, _stop(body.get("stop")), n, echo, stream,
-                            include_usage, skipdecode, ignore_eos)
+    return CompletionParams(prompts, sampling, model, n, echo, stream, include_usage)
 
 
 def _prompts(prompt: Any) -> list:
@@ -148,17 +132,6 @@ def _prompts(prompt: Any) -> list:
     if len(prompt) > MAX_CHOICES:
         raise invalid(f"at most {MAX_CHOICES} prompts per request", "prompt")
     return prompt
-
-
-def _stop(stop: Any) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or len(stops) > MAX_STOP or \
-            not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
-        raise invalid(f"stop must be a non-empty string or a list of at most {MAX_STOP} (of at most "
-                      f"{MAX_STOP_CHARS} characters each)", "stop")
-    return tuple(stops)
 
 
 def _unsupported(body: dict, n: int) -> None:
@@ -203,20 +176,12 @@ def request_schedule(params: CompletionParams, num_layers: int, default):
     """The schedule of the request's ``skipdecode`` object (what the CLI's schedule flags mean,
     modifying the server's default; a new decay spans the request's max_tokens - 1 decode steps),
     or the default without one."""
-    options = params.skipdecode
-    if options is None:
-        return default
-    if "full" in options and not isinstance(options["full"], bool):
-        raise invalid("skipdecode.full must be a boolean", "skipdecode")
-    if any(isinstance(v, float) and not math.isfinite(v) for v in options.values()):
-        raise invalid("skipdecode values must be finite numbers", "skipdecode")
     try:
-        return schedule_from_options(options, num_layers, default, params.max_tokens - 1)
-    except (SkipDeployError, TypeError, ValueError) as exc:
-        raise invalid(f"skipdecode: {exc}", "skipdecode", "invalid_schedule") from None
+        return params.sampling.schedule_for(num_layers, default)
+    except RequestError as exc:
+        raise invalid(str(exc), exc.param, "invalid_schedule") from None
 
 
-# -- text -------------------------------------------------------------------------------------------
 # -- response ---------------------------------------------------------------------------------------
 def completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex}"
@@ -237,7 +202,7 @@ def choice_extension(request) -> dict:
     """Per choice: the generated token ids, the layers run for each token (entry 0: the prompt's,
     which produce token 0) and their mean over the decode steps (tokens 1..; as
     ``GenerationResult.mean_layers_per_token``)."""
-    layers = list(request.layers_per_step)
+    layers = list(request.layers_per_token)
     steps = layers[1:]
     mean = sum(steps) / len(steps) if steps else float(len(request.schedule.prompt_layers()))
     return {"token_ids": list(request.tokens), "layers_per_token": layers, "mean_layers": mean,

@@ -31,7 +31,8 @@ class Request:
         self.prompt, self.config, self.schedule, self.eos = prompt, config, schedule, eos
         self.picker = TokenPicker(config, [prompt])
         self.tokens: list[int] = []
-        self.layers_per_step: list[int] = []
+        # Entry i: the layers of the forward pass that produced token i (entry 0: the prompt's).
+        self.layers_per_token: list[int] = []
         self.finish_reason: str | None = None
         self.error: str | None = None
         # Engine-side progress.
@@ -53,6 +54,12 @@ class Request:
         return self.finish_reason is not None
 
     @property
+    def layers_per_step(self) -> list[int]:
+        """Layers run by decode step s (the forward of token s, which produced token s + 1), as in
+        ``GenerationResult.layers_per_step``: the prompt's forward is not a decode step."""
+        return self.layers_per_token[1:]
+
+    @property
     def step(self) -> int:
         """The decode step the next forward pass of this request is (token s feeds step s)."""
         return len(self.tokens) - 1
@@ -65,7 +72,7 @@ class Request:
     def emit(self, token: int, layers: int) -> None:
         with self._cond:
             self.tokens.append(token)
-            self.layers_per_step.append(layers)
+            self.layers_per_token.append(layers)
             self.token_times.append(time.perf_counter())
             self._cond.notify_all()
         self._wake()
@@ -135,9 +142,8 @@ class Request:
             raise SkipDeployError(f"request {self.id} failed: {self.error}")
 
     def to_result(self) -> GenerationResult:
-        steps = self.layers_per_step[1:]  # token 0 comes from the prefill
         first = self.token_times[0] if self.token_times else time.perf_counter()
-        return GenerationResult(tokens=[list(self.tokens)], layers_per_step=steps,
+        return GenerationResult(tokens=[list(self.tokens)], layers_per_step=self.layers_per_step,
                                 prompt_layers=len(self.schedule.prompt_layers()),
                                 finish_reasons=[self.finish_reason or "length"], schedule=self.schedule,
                                 prefill_seconds=first - (self.admitted or self.created),

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
+import socket
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -31,6 +33,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from .. import __version__
+from ..errors import SkipDeployError
 from . import completions as answer
 from . import openai_api as api
 from .engine import ServingEngine
@@ -51,10 +54,11 @@ class ServerState:
         self.load_engine, self.metrics, self.model_name = load_engine, metrics, model_name
         self.drain_timeout = drain_timeout
         self.created = int(time.time())
-        self.engine: ServingEngine | None = None
+        self.serving: ServingEngine | None = None
         self.load_error: str | None = None
         self.drain_deadline: float | None = None
         self.active: set = set()  # engine requests whose HTTP request is still being answered
+        self.url: str | None = None  # where it listens, once bound (serve)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -73,9 +77,10 @@ class ServerState:
                 engine.shutdown(0)
             return
         self.metrics.bind(engine)
-        self.engine = engine
-        log.info("serving %s as %r: %d slots of %d positions, schedule %s", engine.manifest.directory,
-                 self.model_name, engine.max_batch, engine.max_length, engine.schedule.describe())
+        self.serving = engine
+        log.info("ready: serving %s as %r%s: %d slots of %d positions, schedule %s", engine.manifest.directory,
+                 self.model_name, f" on {self.url}" if self.url else "", engine.max_batch, engine.max_length,
+                 engine.schedule.describe())
 
     @property
     def status(self) -> str:
@@ -83,9 +88,9 @@ class ServerState:
             return "failed"
         if self.drain_deadline is not None:
             return "draining"
-        if self.engine is None:
+        if self.serving is None:
             return "starting"
-        return "ready" if self.engine.ready else "failed"
+        return "ready" if self.serving.ready else "failed"
 
     def begin_drain(self) -> None:
         if self.drain_deadline is None:
@@ -93,16 +98,16 @@ class ServerState:
             log.info("draining: finishing %d request(s), at most %g s", len(self.active), self.drain_timeout)
 
     def idle(self) -> bool:
-        return not self.active and (self.engine is None or self.engine.running + self.engine.queue_depth == 0)
+        return not self.active and (self.serving is None or self.serving.running + self.serving.queue_depth == 0)
 
     def cancel_all(self) -> None:
         for request in list(self.active):
             request.cancel()
 
     def shutdown(self) -> None:
-        if self.engine is not None:
+        if self.serving is not None:
             left = self.drain_timeout if self.drain_deadline is None else self.drain_deadline - time.monotonic()
-            self.engine.shutdown(max(0.0, left))
+            self.serving.shutdown(max(0.0, left))
 
     # -- requests --------------------------------------------------------------------------------
     def ready_engine(self) -> ServingEngine:
@@ -110,7 +115,7 @@ class ServerState:
         if status != "ready":
             raise api.APIError(503, f"the server is {status}; try again later", "server_error", code="unavailable",
                                headers=answer.RETRY)
-        return self.engine
+        return self.serving
 
     def submit(self, engine: ServingEngine, params: api.CompletionParams, rows: list[list[int]], schedule,
                completion_id: str) -> list:
@@ -188,6 +193,11 @@ def create_app(load_engine: Callable[[Metrics], ServingEngine], *, model_name: s
                api_key: str | None = None, drain_timeout: float = 30.0,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The app; ``load_engine(observer)`` builds the engine (in a thread, at startup)."""
+    if api_key is not None and not api_key.strip():  # an empty key would silently turn authentication off
+        raise SkipDeployError("api_key is empty: give a key, or None to serve without authentication")
+    if isinstance(drain_timeout, bool) or not isinstance(drain_timeout, (int, float)) \
+            or not math.isfinite(drain_timeout) or drain_timeout < 0:
+        raise SkipDeployError(f"drain_timeout must be a finite number of seconds >= 0 (got {drain_timeout!r})")
     state = ServerState(load_engine, Metrics(num_layers), model_name, drain_timeout)
 
     @asynccontextmanager
@@ -239,6 +249,11 @@ def create_app(load_engine: Callable[[Metrics], ServingEngine], *, model_name: s
     async def model(model: str):
         _check_model(model, model_name)
         return model_card()
+
+    @app.api_route("/v1/chat/completions", methods=["GET", "POST"])
+    async def chat_completions():
+        raise api.APIError(404, "this server answers only the completions API (POST /v1/completions with a "
+                           "\"prompt\"); /v1/chat/completions is not served", code="not_found")
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest, body: dict[str, Any] = Body(...)):
@@ -295,10 +310,38 @@ class _Server(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
-    """Run ``app`` until a signal has drained it; the exit status (1 if the engine did not start)."""
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a port in use is reported at once, not
+    after a minute of loading (SkipDeployError)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise SkipDeployError(f"cannot listen on {host}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart may reuse the port
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise SkipDeployError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; is another server using "
+                              "it? pick another port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          sock: socket.socket | None = None) -> int:
+    """Run ``app`` until a signal has drained it; the exit status (1 if the engine did not start).
+    ``sock`` is a socket from :func:`bind` (default: bound here, before anything loads)."""
     state: ServerState = app.state.serving
+    sock = sock or bind(host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=5)
-    _Server(config, state).run()
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    state.url = f"http://{shown}:{bound_port}"
+    # Not uvicorn's "running on": the model is still loading; the ready line comes when it is done.
+    log.info("listening on %s; loading the model (GET /health answers 503 until it is ready)", state.url)
+    _Server(config, state).run(sockets=[sock])
     return 1 if state.load_error is not None else 0

@@ -91,17 +91,14 @@ def finetune(cfg: FinetuneConfig, *, progress: bool | None = None, log: Callable
     ``until`` stops (after a resumable save) at that step, as an interruption would.
     """
     import torch
-    from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
     from ..exporter.checkpoint import load_config, local_source
     from ..families import for_config
-    from .forward import schedule_forward
 
     hf_logging.disable_progress_bar()
     log = log or (lambda m: print(m, file=sys.stderr))
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.seq_len < 2 or cfg.lr <= 0:
-        raise InputError("--steps, --batch-size must be >= 1, --seq-len >= 2 and --lr > 0")
+    check_config(cfg)
     schedules = [LayerSchedule.from_dict(s) for s in cfg.schedules]
     if not schedules:
         raise InputError("give at least one schedule")
@@ -149,6 +146,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool | None = None, log: Callable
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     step = 0
+    created = state is None and not out.exists()  # removed again if the run fails before its first save
     if state is not None:
         if "model" in state:  # the weights saved with this state (model.safetensors may be newer)
             model.load_state_dict(state["model"])
@@ -174,6 +172,21 @@ def finetune(cfg: FinetuneConfig, *, progress: bool | None = None, log: Callable
                     "torch_rng": torch.get_rng_state()}, tmp)
         os.replace(tmp, state_path)
 
+    try:
+        return _train(cfg, model, optimizer, schedules, train, lo, hi, step, save, state_path, progress, log, until)
+    except BaseException:
+        if created and not state_path.is_file():  # nothing resumable was written: leave no half-made --out
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _train(cfg, model, optimizer, schedules, train, lo, hi, step, save, state_path, progress, log, until) -> Path:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .forward import schedule_forward
+
+    out = Path(cfg.out).expanduser()
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="finetune", unit="step", file=sys.stderr,
                disable=None if progress is None else not progress, dynamic_ncols=True)
@@ -210,6 +223,20 @@ def finetune(cfg: FinetuneConfig, *, progress: bool | None = None, log: Callable
     bar.close()
     log(f"fine-tuned {cfg.steps} steps (last loss {ema:.3f}) -> {out}")
     return out
+
+
+def check_config(cfg: FinetuneConfig) -> None:
+    """Every size and rate of ``cfg`` in range, before anything is read or written (one line each,
+    naming the keyword)."""
+    for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("save_every", 1), ("warmup_steps", 0)):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InputError(f"{name} must be an integer >= {low} (got {value!r})")
+    for name in ("lr", "weight_decay"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value < 0 or (name == "lr" and value == 0):
+            raise InputError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'} (got {value!r})")
 
 
 def _source_tokenizer(model: str):

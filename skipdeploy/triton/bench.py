@@ -201,6 +201,8 @@ def run(export, *, clients=16, tokens=32, prompt_tokens=16, rounds=5, max_batch=
     manifest = read_manifest(export, verify=False)
     prompts = _prompts(clients, prompt_tokens, manifest.model.vocab_size)
     with tempfile.TemporaryDirectory(prefix="skipdeploy-triton-bench-") as tmp:
+        # Without a workdir the server gets its own, whose log outlives a failed start (the error names it).
+        server_dir = Path(workdir) / "server" if workdir else None
         workdir = Path(workdir or tmp)
         write_repository(export, workdir / "repo", model_name="bench", max_batch=max_batch, max_queue=clients,
                          threads=threads, force=True)
@@ -209,8 +211,10 @@ def run(export, *, clients=16, tokens=32, prompt_tokens=16, rounds=5, max_batch=
         serve = ServerProcess(export, ["--model-name", "bench", "--max-batch", str(max_batch), "--max-queue",
                                        str(clients), *(["--threads", str(threads)] if threads else [])],
                               workdir / "serve.log")
+        triton = None
         try:
-            with TritonServer(workdir / "repo", workdir=workdir / "server") as server:
+            triton = TritonServer(workdir / "repo", workdir=server_dir)
+            with triton as server:
                 paths = engine_paths(engine, observer, tokens) + [serve_path(serve.url, tokens)] + \
                     triton_paths(server, tokens)
                 for path in paths:
@@ -222,6 +226,8 @@ def run(export, *, clients=16, tokens=32, prompt_tokens=16, rounds=5, max_batch=
         finally:
             engine.shutdown()
             serve.stop()
+            if triton is not None:
+                triton.cleanup()
     results = {p.name: p.summary(paths[0]) for p in paths}
     by_name = {p.name: p for p in paths}
     for name in ("triton-http", "triton-grpc"):  # Triton's hop against the OpenAI server's

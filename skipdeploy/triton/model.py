@@ -18,8 +18,10 @@ generate endpoints, genai-perf, tritonclient streaming) work unchanged:
 
 As in the vLLM backend, a non-streamed output starts with the input unless
 ``exclude_input_in_output`` is true; a streamed one never does, and each response carries only
-what is new (text or ids): the responses joined equal the non-streamed output. The text ends
-before the first stop string (vLLM's and OpenAI's rule); ``output_ids`` are every generated
+what is new: one response per generated token (its id, or the text it completed; a token that
+completes no printable text, half a UTF-8 character or a possible stop-string prefix, goes with
+the next one), the last one final. The responses joined equal the non-streamed output. The text
+ends before the first stop string (vLLM's and OpenAI's rule); ``output_ids`` are every generated
 token, as ``Runtime.generate`` returns them.
 
 ``sampling_parameters`` keys: max_tokens (16), temperature (1.0; 0 is greedy), top_p, top_k
@@ -53,7 +55,7 @@ try:
 except ImportError:  # imported outside Triton (documentation, linters): the model cannot run
     pb_utils = None
 
-from skipdeploy.serving.text import CompletionText
+from skipdeploy.runtime.text import CompletionText
 from skipdeploy.triton.parameters import (CONFIG_FILE, FINISH_REASONS, RequestError, parse_sampling_parameters,
                                           read_config)
 
@@ -96,9 +98,9 @@ class TritonPythonModel:
         options = dict(self.config.get("engine", {}))
         schedule = self.config.get("schedule")
         self.name = f"{args['model_name']}/{args['model_version']} ({args.get('model_instance_name', '')})"
-        self.engine = ServingEngine(self.config["export"], schedule=LayerSchedule.from_dict(schedule) if schedule
-                                    else None, observer=self, **options)
-        self.has_tokenizer = self.engine.manifest.tokenizer_path is not None
+        self.serving = ServingEngine(self.config["export"], schedule=LayerSchedule.from_dict(schedule) if schedule
+                                     else None, observer=self, **options)
+        self.has_tokenizer = self.serving.manifest.tokenizer_path is not None
         self._lock = threading.Lock()          # guards _incoming
         self._incoming: list = []
         self._active: list = []                # the dispatcher's alone
@@ -113,13 +115,13 @@ class TritonPythonModel:
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="skipdeploy-triton-dispatch",
                                             daemon=True)
         self._dispatcher.start()
-        engine = self.engine
+        serving = self.serving
         self.logger.log_info(
             f"[skipdeploy] {self.name}: skipdeploy {__version__}, export {self.config['export']} "
-            f"({engine.spec.num_layers} layers), {engine.max_batch} slots x {engine.max_length} positions "
-            f"({format_bytes(engine.slot_bytes * engine.max_batch)} of KV cache), "
-            f"queue {engine.max_queue}, prefill chunk {engine.prefill_chunk}, default schedule "
-            f"{engine.schedule.describe()}")
+            f"({serving.spec.num_layers} layers), {serving.max_batch} slots x {serving.max_length} positions "
+            f"({format_bytes(serving.slot_bytes * serving.max_batch)} of KV cache), "
+            f"queue {serving.max_queue}, prefill chunk {serving.prefill_chunk}, default schedule "
+            f"{serving.schedule.describe()}")
 
     def finalize(self) -> None:
         """Triton unloads the model once in-flight requests finished (or its exit timeout passed):
@@ -133,7 +135,7 @@ class TritonPythonModel:
         for job in left:
             job.request.cancel()
             self._send_error(job, "the model is being unloaded", "UNAVAILABLE")
-        self.engine.shutdown(drain_timeout=5)
+        self.serving.shutdown(drain_timeout=5)
         per_send = f", {1e6 * self.send_seconds / self.sends:.0f} us per send" if self.sends else ""
         self.logger.log_info(f"[skipdeploy] {self.name}: stopped; {self.iterations} iterations, at most "
                              f"{self.peak_rows} requests in one; {self.sends} responses{per_send}")
@@ -176,9 +178,7 @@ class TritonPythonModel:
         return None
 
     def _submit(self, triton_request, sender, label) -> _InFlight:
-        from skipdeploy.schedule_options import schedule_from_options
-
-        if not self.engine.ready:
+        if not self.serving.ready:
             raise RequestError("the engine is not running (see the server's log)", "UNAVAILABLE")
         text_input = pb_utils.get_input_tensor_by_name(triton_request, "text_input")
         input_ids = pb_utils.get_input_tensor_by_name(triton_request, "input_ids")
@@ -200,23 +200,20 @@ class TritonPythonModel:
             prompt_text = value[0].decode("utf-8", errors="strict") if isinstance(value[0], bytes) else str(value[0])
             if not self.has_tokenizer:
                 raise RequestError("this export has no tokenizer: send input_ids (INT64 token ids)")
-            prompt_ids = self.engine.tokenizer.encode(prompt_text)
+            prompt_ids = self.serving.tokenizer.encode(prompt_text)
         else:
             prompt_ids = [int(t) for t in input_ids.as_numpy().reshape(-1)]
-        schedule = None
-        if params["skipdecode"]:
-            try:
-                schedule = schedule_from_options(params["skipdecode"], self.engine.spec.num_layers,
-                                                 self.engine.schedule, params["max_tokens"] - 1)
-            except (ValueError, TypeError) as exc:  # ScheduleError is a ValueError
-                raise RequestError(f"skipdecode: {exc}") from None
+        try:
+            schedule = params.schedule_for(self.serving.spec.num_layers, self.serving.schedule)
+        except ValueError as exc:  # request_params.RequestError naming sampling_parameters.skipdecode
+            raise RequestError(str(exc)) from None
         returns = {name: bool(self._bool_input(triton_request, f"return_{name}", False))
                    for name in ("finish_reason", "num_input_tokens", "num_output_tokens")}
-        request = self.engine.submit(prompt_ids, params["max_tokens"], schedule,
-                                     request_id=None if label == "-" else label, **params["knobs"])
+        request = self.serving.submit(prompt_ids, params.max_new_tokens, schedule,
+                                     request_id=None if label == "-" else label, **params.knobs())
         text = None
         if prompt_text is not None:
-            text = CompletionText(self.engine.tokenizer.decode, params["knobs"].get("stop_strings", ()))
+            text = CompletionText(self.serving.tokenizer.decode, params.stop)
         return _InFlight(triton_request, sender, request, stream, prepend, text, prompt_text, prompt_ids,
                          returns, request.id)
 
@@ -242,7 +239,7 @@ class TritonPythonModel:
                     self._active.extend(self._incoming)
                     self._incoming = []
             now = time.perf_counter()
-            if not self.engine.ready and self._active:  # its thread died: nothing will come
+            if not self.serving.ready and self._active:  # its thread died: nothing will come
                 self.logger.log_error(f"[skipdeploy] {self.name}: the engine stopped; failing "
                                       f"{len(self._active)} request(s)")
                 for job in self._active:
@@ -272,7 +269,7 @@ class TritonPythonModel:
                 if job.triton.is_cancelled():
                     request.cancel()            # the engine drops it at its next iteration
             if job.stream and len(request.tokens) > job.tokens_sent:
-                self._send_delta(job, request.tokens[:], final=False)
+                self._send_deltas(job, request.tokens[:], final=False)
             return False
         tokens = request.tokens[:]
         reason = request.finish_reason
@@ -281,11 +278,22 @@ class TritonPythonModel:
         elif reason == "error":
             self._send_error(job, f"generation failed: {request.error}", "INTERNAL")
         elif job.stream:
-            self._send_delta(job, tokens, final=True)
+            self._send_deltas(job, tokens, final=True)
         else:
             self._send_whole(job, tokens)
         self._log_finish(job, tokens, reason)
         return True
+
+    def _send_deltas(self, job: _InFlight, tokens: list, final: bool) -> None:
+        """A response per new token, however many the engine made since the last look (the
+        dispatcher may lag behind a fast engine): clients count tokens by responses, as with the
+        vLLM backend. With ``final``, the last one ends the stream (an empty one if every token
+        went out already)."""
+        ends = list(range(job.tokens_sent + 1, len(tokens) + 1))
+        if final and not ends:
+            ends = [len(tokens)]
+        for end in ends:
+            self._send_delta(job, tokens[:end], final=final and end == ends[-1])
 
     def _send_delta(self, job: _InFlight, tokens: list, final: bool) -> None:
         outputs = []
@@ -356,7 +364,7 @@ class TritonPythonModel:
 
     def _log_finish(self, job: _InFlight, tokens: list, reason: str) -> None:
         seconds = time.perf_counter() - job.started
-        steps = job.request.layers_per_step[1:]
+        steps = job.request.layers_per_step
         mean = f", {sum(steps) / len(steps):.2f} layers per decode step" if steps else ""
         self.logger.log_info(
             f"[skipdeploy] request {job.label}: {reason}, {len(tokens)} tokens from a {len(job.prompt_ids)}-token "
@@ -389,7 +397,7 @@ class TritonPythonModel:
         for key in ("running", "waiting", "slots", "peak", "tokens"):
             self._metric(key)
         if "slots" in self._metrics:
-            self._metrics["slots"].set(self.engine.max_batch)
+            self._metrics["slots"].set(self.serving.max_batch)
 
     def _metric(self, key: str, label: tuple | None = None):
         """The metric ``key`` (with one extra label (name, value)), created on first use."""
@@ -413,7 +421,7 @@ class TritonPythonModel:
         values = {"peak": self.peak_rows}
         if force or now >= self._next_metrics:
             self._next_metrics = now + METRICS_SECONDS
-            values.update(running=self.engine.running, waiting=self.engine.queue_depth)
+            values.update(running=self.serving.running, waiting=self.serving.queue_depth)
         for key, value in values.items():
             if self._published.get(key) != value and self._metric(key) is not None:
                 try:

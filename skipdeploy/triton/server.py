@@ -21,7 +21,9 @@ What makes the wheel's server run a model that imports skipdeploy (``TritonServe
   load another patch release of libpython from the system), then the wheel's libraries;
 * ``PATH``: the stub starts its embedded Python (isolated: ``PYTHONPATH`` is not read) from the
   first ``python3`` on PATH, whose environment's site-packages it then uses;
-* a unique shared-memory prefix per server, so that several servers can run side by side.
+* a unique shared-memory prefix per server, so that several servers can run side by side, and
+  so that the stubs and ``/dev/shm`` regions a server leaves behind when it fails are found and
+  removed (``supervision``; ``stop`` does it, also after a failed start).
 
 numpy: the stub of Triton 2.51 is built with pybind11 2.10, which reads numpy's C structures in
 their 1.x layout: under numpy 2 every tensor that crosses into or out of ``model.py`` is garbled
@@ -53,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BackendError
+from . import supervision
 
 INSTALL_HINT = "pip install --no-deps nvidia-pytriton~=0.7.0"  # tritonserver 2.51, whose stub needs numpy < 2
 
@@ -218,7 +221,9 @@ class TritonServer:
         server.returncode                              # 0 after a clean SIGTERM stop
 
     The log goes to ``workdir/tritonserver.log`` (``log()`` reads it). ``stop()`` sends SIGTERM
-    to the server's pid and waits for it; it kills it only past ``timeout``.
+    to the server's pid and waits for it (it kills it only past ``timeout``), then kills the
+    backend stubs it left and removes its shared memory. A start that fails raises one line that
+    says why (``supervision.failure_reason``) and where the log is; ``cleanup()`` keeps that log.
     """
 
     def __init__(self, repository: str | Path, *, host: str = "127.0.0.1", http_port: int | None = None,
@@ -236,8 +241,11 @@ class TritonServer:
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="skipdeploy-triton-"))
         self.exit_timeout, self.verbose, self.extra_args = exit_timeout, verbose, tuple(extra_args)
         self.log_path = self.workdir / "tritonserver.log"
+        # The stubs' shared-memory regions start with it, and their command lines name it.
+        self.shm_prefix = f"skipdeploy-{os.getpid()}-{uuid.uuid4().hex[:8]}-"
         self.process: subprocess.Popen | None = None
         self.returncode: int | None = None
+        self.failed = False
 
     # -- addresses -------------------------------------------------------------------------------
     @property
@@ -261,7 +269,7 @@ class TritonServer:
                 f"--http-address={self.host}", f"--http-port={self.http_port}",
                 f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                 f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
-                f"--backend-config=python,shm-region-prefix-name=skipdeploy-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
                 "--allow-gpu-metrics=false", "--allow-cpu-metrics=false", "--pinned-memory-pool-byte-size=0",
                 f"--exit-timeout-secs={self.exit_timeout}", f"--log-verbose={self.verbose}"]
         if self.install.caches is not None:
@@ -287,21 +295,30 @@ class TritonServer:
             return False
 
     def wait_ready(self, timeout: float = 120.0) -> "TritonServer":
-        """Wait until the server and every model in the repository are ready; a BackendError with
-        the log's last lines if the server exits or ``timeout`` seconds pass first."""
+        """Wait until the server and every model in the repository are ready. If the server exits
+        or ``timeout`` seconds pass first: stop it and what it left (``stop``), and raise a
+        one-line BackendError with the reason from its log and the log's path."""
+        if self.process is None:
+            raise BackendError("this server was not started")
         deadline = time.monotonic() + timeout
         while not self.ready():
-            if self.process is None or self.process.poll() is not None:
-                code = None if self.process is None else self.process.returncode
-                raise BackendError(f"tritonserver exited (status {code}) before it was ready:\n{self.tail()}")
+            if self.process.poll() is not None:
+                self.stop()
+                raise self._failure(f"tritonserver exited (status {self.returncode}) before it was ready")
             if time.monotonic() > deadline:
                 self.stop()
-                raise BackendError(f"tritonserver was not ready within {timeout:.0f} s:\n{self.tail()}")
+                raise self._failure(f"tritonserver was not ready within {timeout:.0f} s")
             time.sleep(0.1)
         return self
 
+    def _failure(self, what: str) -> BackendError:
+        self.failed = True
+        return BackendError(f"{what}: {supervision.failure_reason(self.log())} (log: {self.log_path})")
+
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM to the server's pid, then wait (SIGKILL past ``timeout``); returns its exit status."""
+        """SIGTERM to the server's pid, then wait (SIGKILL past ``timeout``); then kill the stubs
+        it left and remove its shared memory (a clean stop leaves neither; a failed start or a
+        crash may). Returns the server's exit status; safe to call again."""
         if self.process is None:
             return None
         if self.process.poll() is None:
@@ -312,6 +329,8 @@ class TritonServer:
                 os.kill(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.returncode = self.process.returncode
+        supervision.stop_stubs(self.shm_prefix)
+        supervision.remove_shm(self.shm_prefix)
         return self.returncode
 
     def log(self) -> str:
@@ -324,8 +343,18 @@ class TritonServer:
         return "\n".join(self.log().splitlines()[-lines:])
 
     def cleanup(self) -> None:
-        if self._own_workdir:
+        """Remove the work directory if this server made it; after a failed start keep the log,
+        which the error named."""
+        if not self._own_workdir:
+            return
+        if not self.failed:
             shutil.rmtree(self.workdir, ignore_errors=True)
+            return
+        for path in self.workdir.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path != self.log_path:
+                path.unlink(missing_ok=True)
 
     def __enter__(self) -> "TritonServer":
         self.start()
@@ -339,9 +368,15 @@ class TritonServer:
         self.stop()
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m skipdeploy.triton.server REPO``: serve a repository in the foreground until
-    Ctrl-C or SIGTERM (which stop the server cleanly)."""
+    Ctrl-C or SIGTERM (which stop the server cleanly). It says where the server listens once the
+    server and every model are ready; a start that fails is one line (why, and where the log is)
+    and exit status 1."""
     parser = argparse.ArgumentParser(prog="python -m skipdeploy.triton.server",
                                      description="Serve a model repository with the tritonserver of nvidia-pytriton.")
     parser.add_argument("repository", nargs="?")
@@ -353,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--ready-timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="Give up if the server and its models are not ready by then [default: 600].")
     args = parser.parse_args(argv)
     try:
         if args.setup:
@@ -365,25 +402,45 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.repository:
             parser.error("give a model repository (or --setup)")
+        if not Path(args.repository).is_dir():
+            raise BackendError(f"model repository {args.repository} is not a directory")
         server = TritonServer(args.repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                               metrics_port=args.metrics_port, verbose=args.log_verbose)
     except (BackendError, subprocess.CalledProcessError) as exc:
-        print(exc, file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 1
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    server.start()
-    print(f"tritonserver (pid {server.pid}) on {server.http_url} (HTTP), {server.grpc_url} (gRPC), "
-          f"{server.metrics_url}; log: {server.log_path}", file=sys.stderr)
+    # SIGTERM and Ctrl-C take the same way out, also while the models load.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    code = 0
     try:
-        while not stopping and server.process.poll() is None:
+        server.start()
+        print(f"tritonserver (pid {server.pid}) is loading {server.repository}; log: {server.log_path}",
+              file=sys.stderr)
+        server.wait_ready(args.ready_timeout)
+        print(f"tritonserver (pid {server.pid}) ready on {server.http_url} (HTTP), {server.grpc_url} (gRPC), "
+              f"{server.metrics_url}", file=sys.stderr, flush=True)
+        while server.process.poll() is None:
             time.sleep(0.2)
+        server.stop()
+        raise server._failure(f"tritonserver exited (status {server.returncode})")
     except KeyboardInterrupt:
         pass
-    code = server.stop()
-    print(server.tail(5), file=sys.stderr)
+    except BackendError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        interrupts = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            stopped = server.stop()
+        finally:
+            signal.signal(signal.SIGINT, interrupts)
+            signal.signal(signal.SIGTERM, previous)
+    if code == 0:
+        print(f"tritonserver stopped (status {stopped})", file=sys.stderr)
+        code = stopped or 0
     server.cleanup()
-    return code or 0
+    return code
 
 
 if __name__ == "__main__":

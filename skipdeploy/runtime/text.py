@@ -1,8 +1,9 @@
-"""A completion's text as its tokens come, with OpenAI's and vLLM's stop semantics.
+"""A completion's text as its tokens come, with the one stop-string rule of every door (OpenAI's).
 
-Shared by the OpenAI server and the Triton model: the text ends before the first stop string,
-and streamed pieces hold back half a UTF-8 character and any tail that may begin a stop string,
-so that the pieces joined equal the whole text.
+The text ends before the first stop string, whole or streamed: streamed pieces hold back half a
+UTF-8 character and any tail that may begin a stop string, so that the pieces joined equal the
+whole text. ``Runtime.generate_text``, the CLI, the OpenAI server, the Triton model and
+``sd_generate_text`` all cut their text here.
 """
 
 from __future__ import annotations
