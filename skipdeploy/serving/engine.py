@@ -246,8 +246,7 @@ class ServingEngine:
         self._finished(request, reason, error)
 
     def _finished(self, request: Request, reason: str, error: str | None = None) -> None:
-        request.finish(reason, error)
-        self._notify("on_finish", request)
+        request.finish(reason, error, observe=lambda: self._notify("on_finish", request))
 
     def _notify(self, event: str, *args) -> None:
         hook: Callable | None = getattr(self.observer, event, None)

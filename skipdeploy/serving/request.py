@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import threading
 import time
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 import numpy as np
 
@@ -77,10 +77,14 @@ class Request:
             self._cond.notify_all()
         self._wake()
 
-    def finish(self, reason: str, error: str | None = None) -> None:
+    def finish(self, reason: str, error: str | None = None, observe: Callable[[], None] | None = None) -> None:
+        """End the request; ``observe`` (the engine's metrics) runs before any reader can see it done,
+        so a client that has its answer also finds it counted."""
         with self._cond:
             if self.finish_reason is None:
                 self.finish_reason, self.error = reason, error
+                if observe is not None:
+                    observe()
             self._cond.notify_all()
         self._wake()
 
