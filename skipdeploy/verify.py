@@ -6,9 +6,9 @@ checkpoint, against the transformers modules themselves. Per schedule: logits an
 of a whole generation, for the full schedule and the export's default (transformers ``generate``
 is the reference for the full schedule when a checkpoint is given).
 
-An int8 export is checked against the float32 export it was quantized from, with tolerances
-sized for int8 weights; tokens are then compared where the reference's top-2 margin exceeds
-twice the measured logits error (where int8 rounding cannot decide the argmax).
+A quantized (int8 or int4) export is checked against the float32 export it was quantized from,
+with tolerances sized for its weights; tokens are then compared where the reference's top-2
+margin exceeds twice the measured logits error (where rounding cannot decide the argmax).
 """
 
 from __future__ import annotations
@@ -28,6 +28,16 @@ from .runtime import load
 from .schedule import Schedule
 
 NEAR_TIE = 1e-3
+# int4 weights (MatMulNBits, blocks of 32, int8 activations): one rounding step is 1/8 of a
+# block's largest |weight|, so a graph's outputs move ~10% of their scale (int8: ~1%). Measured
+# by verify (relative to max(1, |reference|), as every tolerance here; seeds 0-5): per graph
+# 0.08-0.18 on the tiny test exports, 0.08-0.21 on the random opt-125m-shaped one (its layer 0
+# the worst); logits over a generation 0.10-0.33 (tiny, tiny-post-ln) and 0.26-0.30 (opt-125m
+# shape). The tolerances leave 1.5x over those; one matrix with its scales doubled gives 0.65.
+INT4_GRAPH_TOLERANCE = 0.3
+INT4_LOGITS_TOLERANCE = 0.5
+GRAPH_TOLERANCES = {**GRAPH_TOLERANCE, "int4": INT4_GRAPH_TOLERANCE}
+LOGITS_TOLERANCES = {**LOGITS_TOLERANCE, "int4": INT4_LOGITS_TOLERANCE}
 
 
 @dataclass
@@ -75,7 +85,7 @@ class Report:
 
 def verify(directory: str | Path, model: str | Path | None = None, backend: str = "onnxruntime",
            max_new_tokens: int = 16, seed: int = 0, reference: str | Path | None = None) -> Report:
-    """``reference``: the float32 export an int8 export came from [default: the one its manifest
+    """``reference``: the float32 export a quantized export came from [default: the one its manifest
     names, or a temporary export of ``model``]."""
     try:
         import torch  # noqa: F401  (the reference backend needs it)
@@ -111,8 +121,9 @@ def _float_reference(manifest: Manifest, given: str | Path | None, model: str | 
         yield Path(recorded)
         return
     if model is None:
-        raise InputError(f"{manifest.directory} has int8 weights: verify compares it with the float32 export it "
-                         f"was quantized from ({recorded + ', missing or changed' if recorded else 'not recorded'}); "
+        where = f"{recorded}, missing or changed" if recorded else "not recorded"
+        raise InputError(f"{manifest.directory} has {manifest.quantization.get('weights')} weights: verify compares "
+                         f"it with the float32 export it was quantized from ({where}); "
                          "pass that export with --reference DIR, or the checkpoint with --model")
     from .exporter.export import export
 
@@ -125,7 +136,7 @@ def _verify(runtime, backend: str, reference, precision: str, model, max_new_tok
     manifest = runtime.manifest
     report = Report(str(manifest.directory), backend)
     hf_model = _hf_model(model, manifest) if model is not None else None
-    tol = GRAPH_TOLERANCE[precision]
+    tol = GRAPH_TOLERANCES[precision]
     if backend == "tensorrt":  # each engine against onnxruntime running the same ONNX graph
         report.graphs = _engines_against_onnxruntime(runtime.engine, seed, tol)
     elif hf_model is not None and backend == "onnxruntime":
@@ -149,7 +160,7 @@ def _verify(runtime, backend: str, reference, precision: str, model, max_new_tok
         else:
             want = reference.generate(prompts, max_new_tokens, sched, output_logits=True, eos_token_id=None)
             want_tokens, want_logits, ref_name = want.tokens, want.logits, "torch backend"
-        report.decode.append(_compare_decode(label, got, want_tokens, want_logits, LOGITS_TOLERANCE[precision],
+        report.decode.append(_compare_decode(label, got, want_tokens, want_logits, LOGITS_TOLERANCES[precision],
                                              ref_name))
     return report
 

@@ -104,7 +104,7 @@ def test_bench_cli_with_int8_output_plot_and_memory(exports, int8_export, tmp_pa
         "--quantize", "int8", "--int8-export", str(int8_export), "--output", str(out_json), "--plot", str(out_png)])
     assert result.exit_code == 0, result.output
     data = json.loads(out_json.read_text())
-    assert [r["contender"] for r in data["rows"]] == ["full", "skip 2x", "int8 full"]
+    assert [r["contender"] for r in data["rows"]] == ["full", "skip 2x", "int8 full", "int8 skip 2x"]
     int8 = data["rows"][2]
     assert int8["export"] == "int8" and int8["speedup_vs_full"] > 0 and int8["cost_model_speedup"] is None
     assert int8["bytes_per_token"] < data["rows"][0]["bytes_per_token"]
@@ -118,7 +118,8 @@ def test_bench_cli_with_int8_output_plot_and_memory(exports, int8_export, tmp_pa
 
 
 def test_bench_refuses_bad_options(exports, int8_export):
-    for kwargs in ({"batch_sizes": [0]}, {"new_tokens": 1}, {"target_speedups": [1.0]}, {"quantize": "int4"}):
+    for kwargs in ({"batch_sizes": [0]}, {"new_tokens": 1}, {"target_speedups": [1.0]}, {"quantize": "int3"},
+                   {"quantize": ["int8", "int8"]}):
         with pytest.raises(InputError):
             run_bench(exports["tiny"], hf=False, memory=False, bandwidth=False, progress=False, **kwargs)
     with pytest.raises(InputError, match="quantized export"):

@@ -1,8 +1,9 @@
 """The benchmark's peer engines (CTranslate2, onnxruntime-genai; skipdeploy/bench/peers.py) and
-tools/peer_bench.py, on tiny random checkpoints, against Hugging Face ``generate`` as an independent
-reference. Greedy tokens are compared up to the first step whose reference top-2 gap is a
-near-tie (< 1e-3). A peer that is not installed is skipped; the missing-library path is tested
-without it. No timing assertions.
+``skipdeploy bench --peers`` (bench/peer_workers.py), on tiny random checkpoints, against Hugging
+Face ``generate`` as an independent reference. Greedy tokens are compared up to the first step
+whose reference top-2 gap is a near-tie (< 1e-3). A peer that is not installed is skipped; the
+missing-library path is tested without it (a subprocess in which the import is blocked). No
+timing assertions.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import pytest
 torch = pytest.importorskip("torch", reason="the peer tests need torch (pip install 'skipdeploy[export]')")
 pytest.importorskip("transformers", reason="the peer tests need transformers")
 
+from click.testing import CliRunner  # noqa: E402
+
 from skipdeploy.bench import peers  # noqa: E402
-from skipdeploy.errors import BackendError  # noqa: E402
+from skipdeploy.cli import main  # noqa: E402
+from skipdeploy.errors import BackendError, InputError  # noqa: E402
 from skipdeploy.random_checkpoint import SHAPES, make_checkpoint  # noqa: E402
 
 B, P, N = 3, 8, 12
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def installed(module: str) -> bool:
@@ -86,6 +89,12 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 @pytest.fixture(scope="module")
 def opt_checkpoint(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("peers") / "opt", "tiny", seed=2, weight_scale=3.0)
+
+
+@pytest.fixture(scope="module")
+def llama_work(tmp_path_factory):
+    """One work directory for the Llama conversions: each is made once for the module's tests."""
+    return tmp_path_factory.mktemp("llama-work")
 
 
 @pytest.fixture(scope="module")
@@ -206,8 +215,8 @@ def test_ct2_int8_runs_on_opt(opt_checkpoint, tmp_path):
 
 
 @needs_ct2
-def test_ct2_float32_matches_hf_on_llama(llama_checkpoint, tmp_path):
-    runner = peers.peer("ct2-fp32", llama_checkpoint, tmp_path, threads=1, log=lambda m: None)
+def test_ct2_float32_matches_hf_on_llama(llama_checkpoint, llama_work):
+    runner = peers.peer("ct2-fp32", llama_checkpoint, llama_work, threads=1, log=lambda m: None)
     prompts = prompts_for(runner.vocab_size)
     check_against_hf(runner.run(prompts, N), llama_checkpoint, prompts)
 
@@ -215,8 +224,8 @@ def test_ct2_float32_matches_hf_on_llama(llama_checkpoint, tmp_path):
 # -- onnxruntime-genai ------------------------------------------------------------------------------
 @needs_og
 @pytest.mark.slow
-def test_ortgenai_float32_matches_hf_on_llama(llama_checkpoint, tmp_path):
-    runner = peers.peer("ortgenai-fp32", llama_checkpoint, tmp_path, threads=1, log=lambda m: None)
+def test_ortgenai_float32_matches_hf_on_llama(llama_checkpoint, llama_work):
+    runner = peers.peer("ortgenai-fp32", llama_checkpoint, llama_work, threads=1, log=lambda m: None)
     prompts = prompts_for(runner.vocab_size)
     run = runner.run(prompts, N)
     check_against_hf(run, llama_checkpoint, prompts)
@@ -226,40 +235,145 @@ def test_ortgenai_float32_matches_hf_on_llama(llama_checkpoint, tmp_path):
 
 @needs_og
 @pytest.mark.slow
-def test_ortgenai_int4_runs_on_llama(llama_checkpoint, tmp_path):
-    runner = peers.peer("ortgenai-int4", llama_checkpoint, tmp_path, threads=1, log=lambda m: None)
+def test_ortgenai_int4_runs_on_llama(llama_checkpoint, llama_work):
+    runner = peers.peer("ortgenai-int4", llama_checkpoint, llama_work, threads=1, log=lambda m: None)
     check_shape(runner.run(prompts_for(runner.vocab_size), N))
 
 
-# -- tools/peer_bench.py ----------------------------------------------------------------------------
+# -- skipdeploy bench --peers ------------------------------------------------------------------------
+BENCH_ARGS = ["--batch-sizes", "1,2", "--target-speedup", "2", "--prompt-length", "6", "--max-new-tokens", "5",
+              "--repeats", "2", "--warmup", "0", "--threads", "1", "--no-memory", "--no-bandwidth"]
+
+
+def test_peer_names_expand_engines_and_refuse_unknown_ones():
+    assert peers.peer_names(["ct2", "ortgenai-int8", "ctranslate2"]) == ["ct2-fp32", "ct2-int8", "ortgenai-int8"]
+    assert peers.peer_names(["ort-genai"]) == ["ortgenai-fp32", "ortgenai-int4"]
+    assert peers.peer_names(["all"]) == ["ct2-fp32", "ct2-int8", "ortgenai-fp32", "ortgenai-int4"]
+    with pytest.raises(InputError, match="unknown peer 'llamacpp'.*ct2.*ortgenai-int4"):
+        peers.peer_names(["ct2", "llamacpp"])
+
+
+def test_bench_refuses_an_unknown_peer_before_measuring(exports, tmp_path):
+    result = CliRunner().invoke(main, ["bench", str(exports["tiny"]), "--peers", "ct2,vllm",
+                                       "--work-dir", str(tmp_path / "work"), *BENCH_ARGS])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        next(line for line in result.stderr.splitlines() if "unknown peer 'vllm'" in line)]
+    assert result.stdout == "" and not (tmp_path / "work").exists()
+
+
+def bench_rows(results: dict) -> dict:
+    return {(r["batch"], r["contender"]): r for r in results["rows"]}
+
+
+def check_peer_rows(results: dict, names: list[str], fp32: list[str]) -> None:
+    """Rows with the fields of the others, ratios to the full schedule of the same run, and token
+    agreement with it (float32 peers: the same greedy tokens but for a near-tie)."""
+    rows = bench_rows(results)
+    fields = set(rows[1, "full"])
+    agree = {(a["contender"], a["batch"]): a for a in results["agreement"]}
+    for batch in (1, 2):
+        for name in names:
+            row = rows[batch, name]
+            assert set(row) == fields and row["kind"] == "peer" and len(row["runs"]) == 2
+            assert row["export"] == ("float32" if name in fp32 else name.rsplit("-", 1)[1])
+            assert row["ms_per_token"]["median"] > 0 and row["tokens_per_s"] > 0
+            assert row["speedup_vs_full"] > 0 and row["vs_hf"] > 0
+            assert row["cost_model_speedup"] is None and row["bytes_per_token"] is None
+            a = agree[name, batch]
+            assert a["reference"] == "full" and 0 <= a["positions_equal"] <= 1
+            if name in fp32:
+                assert a["positions_equal"] >= 0.8, (name, batch, a)
+        assert rows[batch, "full"]["speedup_vs_full"] == 1.0
+    assert set(names) <= set(results["config"]["peers"]) and set(results["peers"]["prepared"]) == set(names)
+
+
 @needs_ct2
 @pytest.mark.slow
-@pytest.mark.parametrize("isolation", [[], ["--in-process"]], ids=["worker-processes", "in-process"])
-def test_peer_bench_end_to_end(opt_checkpoint, tmp_path, capsys, isolation):
+def test_bench_with_ctranslate2_on_opt(exports, checkpoints, tmp_path):
+    """CTranslate2 takes its turns next to skipdeploy and HF; onnxruntime-genai, which has no OPT,
+    is one line; the conversions are made once, with a line each, and reused by the next run."""
+    out = tmp_path / "bench.json"
+    args = ["bench", str(exports["tiny"]), "--checkpoint", str(checkpoints["tiny"]), "--peers", "ct2,ortgenai",
+            "--work-dir", str(tmp_path / "work"), "--output", str(out), *BENCH_ARGS]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())
+    assert [r["contender"] for r in results["rows"] if r["batch"] == 1] == [
+        "full", "skip 2x", "ct2-fp32", "ct2-int8", "hf generate"]
+    check_peer_rows(results, ["ct2-fp32", "ct2-int8"], fp32=["ct2-fp32"])
+    no_opt = "onnxruntime-genai's model builder has no OPT support"
+    assert [line for line in result.stderr.splitlines() if "skipped" in line] == [
+        f"ortgenai-fp32, ortgenai-int4 skipped: {no_opt} (Llama, Mistral, Qwen, Phi, Gemma, ... only)"]
+    assert [(s["contender"], s["reason"].startswith(no_opt)) for s in results["peers"]["skipped"]] == [
+        ("ortgenai-fp32", True), ("ortgenai-int4", True)]
+    assert sum("converting" in line for line in result.stderr.splitlines()) == 2
+    assert "ct2-int8" in result.stdout and "skipped ortgenai-int4" in result.stdout
+    again = CliRunner().invoke(main, args[:5] + ["ct2-fp32"] + args[6:])
+    assert again.exit_code == 0, again.output
+    assert "converting" not in again.stderr and "ct2-fp32 (CTranslate2): reusing the conversion" in again.stderr
+
+
+@pytest.fixture(scope="module")
+def llama_export(llama_checkpoint, tmp_path_factory):
     import skipdeploy
 
-    export = skipdeploy.export(opt_checkpoint, tmp_path / "export", progress=False, log=lambda m: None).directory
-    spec = importlib.util.spec_from_file_location("peer_bench", ROOT / "tools" / "peer_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = tmp_path / "bench.json"
-    names = "skipdeploy-full,skipdeploy-2x,ct2-fp32,ortgenai-fp32,skipdeploy-int8,hf"
-    assert bench.main(["--checkpoint", str(opt_checkpoint), "--export", str(export), "--batch-sizes", "1,2",
-                       "--prompt-length", "6", "--max-new-tokens", "5", "--rounds", "2", "--threads", "1",
-                       "--contenders", names, "--work-dir", str(tmp_path / "work"), "--json", str(out),
-                       "--no-progress", *isolation]) == 0
-    results = json.loads(out.read_text())
-    assert results["reference"] == "skipdeploy-full"
-    assert {s["contender"] for s in results["skipped"]} == {"ortgenai-fp32", "skipdeploy-int8"}
-    ran = ["skipdeploy-full", "skipdeploy-2x", "ct2-fp32", "hf"]
-    assert [(r["batch"], r["contender"]) for r in results["rows"]] == [(b, c) for b in (1, 2) for c in ran]
-    assert set(results["prepared"]) == set(ran)
-    for row in results["rows"]:
-        assert len(row["runs"]) == 2 and row["tokens_per_row"] == [5]
-        if row["contender"] == "skipdeploy-full":
-            assert row["speed_vs_reference"] == pytest.approx(1.0)
-            assert row["agreement_vs_reference"]["positions_equal"] == 1.0
-        if row["contender"] in ("ct2-fp32", "hf"):  # float32 everywhere: the same greedy tokens
-            assert row["agreement_vs_reference"]["positions_equal"] >= 0.9
-    table = capsys.readouterr().out
-    assert "| 2 | ct2-fp32 |" in table and "skipped ortgenai-fp32" in table
+    return skipdeploy.export(llama_checkpoint, tmp_path_factory.mktemp("peers") / "llama-sd", progress=False,
+                             log=lambda m: None).directory
+
+
+@needs_ct2
+@needs_og
+@pytest.mark.slow
+def test_bench_with_ctranslate2_and_ortgenai_on_llama(llama_export, llama_checkpoint, llama_work):
+    """The conversions are the ones the tests above made, if they ran (then reused, with a line)."""
+    from skipdeploy.bench import run_bench
+
+    lines: list[str] = []
+    results = run_bench(llama_export, batch_sizes=[1, 2], target_speedups=[2], prompt_length=6, new_tokens=5,
+                        repeats=2, warmup=0, threads=1, checkpoint=str(llama_checkpoint), memory=False,
+                        bandwidth=False, progress=False, peers=["ct2-fp32", "ortgenai"], work_dir=llama_work,
+                        log=lines.append)
+    names = ["ct2-fp32", "ortgenai-fp32", "ortgenai-int4"]  # ct2-int8: on OPT above
+    assert [r["contender"] for r in results["rows"] if r["batch"] == 2] == ["full", "skip 2x", *names, "hf generate"]
+    check_peer_rows(results, names, fp32=["ct2-fp32", "ortgenai-fp32"])
+    assert results["peers"]["skipped"] == [] and not any("skipped" in line for line in lines)
+    assert [line.split(":")[0] for line in lines if "converting" in line or "reusing" in line] == [
+        "ct2-fp32 (CTranslate2)", "ortgenai-fp32 (onnxruntime-genai)", "ortgenai-int4 (onnxruntime-genai)"]
+    assert results["environment"]["ctranslate2"] and results["environment"]["onnxruntime-genai"]
+    json.dumps(results)
+
+
+BLOCKED = """
+import sys
+
+class Blocked:
+    \"\"\"The peer's package, as if it were not installed.\"\"\"
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "ctranslate2":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Blocked())
+from skipdeploy.cli import main
+main(sys.argv[1:], prog_name="skipdeploy")
+"""
+
+
+@pytest.mark.slow
+def test_a_missing_peer_package_is_one_line_and_the_rest_runs(exports, checkpoints, tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", BLOCKED, "bench", str(exports["tiny"]), "--checkpoint",
+                           str(checkpoints["tiny"]), "--peers", "ct2", "--work-dir", str(tmp_path / "work"),
+                           "--no-hf", "--output", str(tmp_path / "bench.json"), *BENCH_ARGS],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "ctranslate2" in line]
+    assert lines == ["ct2-fp32, ct2-int8 skipped: ctranslate2 is not installed; pip install ctranslate2 "
+                     "(or pip install 'skipdeploy[bench]')"]
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["contender"] for r in results["rows"]] == ["full", "skip 2x"] * 2
+    assert [s["contender"] for s in results["peers"]["skipped"]] == ["ct2-fp32", "ct2-int8"]
+    assert not (tmp_path / "work").exists()

@@ -7,9 +7,10 @@ way :func:`~skipdeploy.bench.runners.skipdeploy_runner` does: the clock starts b
 that takes the prompts, ``ttft`` ends when the first new token is known, and ``token_times`` are
 the gaps between the next ones. ``run`` returns a :class:`~skipdeploy.bench.runners.Run`.
 
-These are benchmark-only dependencies (``pip install 'skipdeploy[bench]'``): nothing else in
-skipdeploy imports this module, and the peer libraries are imported inside functions only; a
-missing one raises :class:`~skipdeploy.errors.BackendError` with the install command.
+These are benchmark-only dependencies (``pip install 'skipdeploy[bench]'``): only ``bench``
+imports this module (``run_bench(peers=...)`` runs each peer in a worker process:
+``peer_workers``), and the peer libraries are imported inside functions only; a missing one
+raises :class:`~skipdeploy.errors.BackendError` with the install command.
 
 - CTranslate2 (``ctranslate2``): ``TransformersConverter`` (OPT, Llama and many more) with a
   vocabulary of exactly the model's size, one string per id (``<id17>``), so that a random
@@ -85,6 +86,7 @@ class PeerRunner:
     kind = "peer"
     module = ""   # the library to import
     install = ""  # how to install it
+    title = ""    # the engine, for people
 
     def __init__(self, checkpoint: str | os.PathLike, work_dir: str | os.PathLike, *, threads: int | None = None,
                  log: Callable[[str], None] | None = None) -> None:
@@ -137,7 +139,8 @@ class PeerRunner:
                                        "pick another work directory")
                 shutil.rmtree(out)  # a stale conversion of ours
             out.parent.mkdir(parents=True, exist_ok=True)
-            self.log(f"{type(self).__name__}: converting {self.checkpoint} into {out}")
+            self.log(f"{self.title}: converting {self.checkpoint} into {out} (once: reused while the checkpoint's "
+                     "files are unchanged)")
             start = time.perf_counter()
             try:
                 self.convert(out)
@@ -145,7 +148,9 @@ class PeerRunner:
                 shutil.rmtree(out, ignore_errors=True)  # no half conversion left behind
                 raise
             (out / STAMP).write_text(json.dumps(stamp, indent=1))
-            self.log(f"{type(self).__name__}: converted in {time.perf_counter() - start:.1f} s")
+            self.log(f"{self.title}: converted in {time.perf_counter() - start:.1f} s")
+        else:
+            self.log(f"{self.title}: reusing the conversion in {out}")
         self.load(out)
         return self
 
@@ -162,6 +167,7 @@ class CTranslate2Runner(PeerRunner):
 
     module = "ctranslate2"
     install = "pip install ctranslate2"
+    title = "CTranslate2"
     QUANTIZATIONS = ("float32", "int8_float32", "int8")
 
     def __init__(self, checkpoint, work_dir, *, quantization: str = "float32", threads: int | None = None,
@@ -249,6 +255,7 @@ class OrtGenAIRunner(PeerRunner):
 
     module = "onnxruntime_genai"
     install = "pip install onnxruntime-genai onnx-ir"
+    title = "onnxruntime-genai"
     PRECISIONS = ("fp32", "int8", "int4")
     UNSUPPORTED = {"opt": "onnxruntime-genai's model builder has no OPT support (Llama, Mistral, Qwen, Phi, "
                           "Gemma, ... only)",
@@ -285,7 +292,7 @@ class OrtGenAIRunner(PeerRunner):
         from ..random_checkpoint import make_tokenizer
 
         make_tokenizer(min(self.vocab_size, 512)).save_pretrained(staged)
-        self.log(f"OrtGenAIRunner: {self.checkpoint} has no tokenizer; building from {staged} with a stand-in one")
+        self.log(f"{self.title}: {self.checkpoint} has no tokenizer; building from {staged} with a stand-in one")
         return staged
 
     def convert(self, out: Path) -> None:
@@ -343,6 +350,30 @@ PEERS: dict[str, tuple[type[PeerRunner], dict[str, Any]]] = {
 }
 
 
+# What ``bench --peers`` accepts besides the names above: an engine, for the precisions that its
+# users pick on a CPU (issue 18: CTranslate2 float32 and int8; onnxruntime-genai fp32 and int4).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "ct2": ("ct2-fp32", "ct2-int8"), "ctranslate2": ("ct2-fp32", "ct2-int8"),
+    "ortgenai": ("ortgenai-fp32", "ortgenai-int4"), "ort-genai": ("ortgenai-fp32", "ortgenai-int4"),
+    "onnxruntime-genai": ("ortgenai-fp32", "ortgenai-int4"),
+    "all": ("ct2-fp32", "ct2-int8", "ortgenai-fp32", "ortgenai-int4"),
+}
+
+
+def peer_names(requested: list[str] | tuple[str, ...]) -> list[str]:
+    """The peer names of a ``--peers`` list (engines expanded, duplicates dropped, order kept);
+    InputError naming the known ones for anything else."""
+    out: list[str] = []
+    for item in requested:
+        key = item.strip().lower()
+        names = GROUPS.get(key) or ((key,) if key in PEERS else None)
+        if names is None:
+            raise InputError(f"unknown peer {item!r}: pass engines ({', '.join(GROUPS)}) or names "
+                             f"({', '.join(PEERS)}), comma-separated")
+        out += [n for n in names if n not in out]
+    return out
+
+
 def peer(name: str, checkpoint: str | os.PathLike, work_root: str | os.PathLike, *, threads: int | None = None,
          log: Callable[[str], None] | None = None) -> PeerRunner:
     """The prepared runner of a benchmark name (``ct2-fp32``, ``ortgenai-int4``, ...), converted into
@@ -350,7 +381,9 @@ def peer(name: str, checkpoint: str | os.PathLike, work_root: str | os.PathLike,
     if name not in PEERS:
         raise InputError(f"unknown peer {name!r} (known: {', '.join(PEERS)})")
     cls, options = PEERS[name]
-    return cls(checkpoint, Path(work_root) / name, threads=threads, log=log, **options).prepare()
+    runner = cls(checkpoint, Path(work_root) / name, threads=threads, log=log, **options)
+    runner.title = f"{name} ({cls.title})"  # two conversions of one engine: say which one
+    return runner.prepare()
 
 
 def peer_versions(more: tuple[str, ...] = ()) -> dict[str, str]:

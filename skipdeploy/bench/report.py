@@ -30,14 +30,14 @@ def format_table(results: dict[str, Any]) -> str:
         f"{','.join(map(str, cfg['batch_sizes']))}; {cfg['repeats']} alternated rounds after {cfg['warmup']} warm-up"
         + (f"; weights stream at {min(bw) / 1e9:.0f}-{max(bw) / 1e9:.0f} GB/s (probe after each round)" if bw else ""),
         "",
-        f"{'batch':>5}  {'contender':<12} {'layers':>6} {'TTFT':>7} {'ms/token':>8} {'p90':>6} {'p99':>6} "
+        f"{'batch':>5}  {'contender':<14} {'layers':>6} {'TTFT':>7} {'ms/token':>8} {'p90':>6} {'p99':>6} "
         f"{'tok/s':>7} {'speedup':>7} {'cost model':>10} {'of cost model':>13} {'vs HF':>6} {'floor':>6} "
         f"{'of floor':>8}",
     ]
     for row in results["rows"]:
         ms = row["ms_per_token"]
         lines.append(
-            f"{row['batch']:>5}  {row['contender']:<12} {row['layers_per_token']:>6.2f} {row['ttft_ms']:>7.1f} "
+            f"{row['batch']:>5}  {row['contender']:<14} {row['layers_per_token']:>6.2f} {row['ttft_ms']:>7.1f} "
             f"{ms['median']:>8.2f} {ms['p90']:>6.2f} {ms['p99']:>6.2f} {row['tokens_per_s']:>7.1f} "
             f"{_fmt(row['speedup_vs_full'], '.2f', 'x'):>7} {_fmt(row['cost_model_speedup'], '.2f', 'x'):>10} "
             f"{_percent(row['fraction_of_cost_model']):>13} "
@@ -45,7 +45,8 @@ def format_table(results: dict[str, Any]) -> str:
             f"{_percent(row['fraction_of_floor']):>8}")
     lines.append("")
     lines.append("TTFT, ms/token (median), p90, p99 and floor in ms; tok/s = output tokens/s after warm-up; speedup "
-                 "against the full schedule and vs HF are medians of per-round ratios; cost model = the speedup "
+                 "against the full schedule (for a peer: its tok/s over the full schedule's) and vs HF are medians "
+                 "of per-round ratios; cost model = the speedup "
                  "the multiply-add cost model predicts, of cost model = speedup / cost model; floor = weight + KV "
                  "bytes per token / probe bandwidth (median), of floor = floor / time per token, per round against "
                  "that round's probe (100% = bandwidth-bound).")
@@ -53,6 +54,12 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"agreement {a['contender']} vs {a['reference']}, batch {a['batch']}: "
                      f"{100 * a['positions_equal']:.1f}% of tokens equal, {100 * a['rows_equal']:.0f}% of rows "
                      f"identical, first difference after {100 * a['prefix_before_first_difference']:.0f}% of a row on average")
+    for row in results["rows"]:
+        if row.get("speedup_vs_export_full") is not None and row["target_speedup"] is not None:
+            lines.append(f"{row['contender']}, batch {row['batch']}: {row['speedup_vs_export_full']:.2f}x its own "
+                         f"export's full schedule (layer speedup {row['layer_speedup']:.2f}x)")
+    for s in (results.get("peers") or {}).get("skipped", []):
+        lines.append(f"skipped {s['contender']}: {s['reason']}")
     for m in results.get("memory", []):
         lines.append(f"memory {m['export']}, batch {m['batch']}: peak RSS {m['peak_rss_bytes'] / 1e6:.0f} MB; weights "
                      f"{m['weights_bytes'] / 1e6:.0f} MB + KV cache {m['kv_cache_bytes'] / 1e6:.1f} MB + "
@@ -71,7 +78,7 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: str | os.PathLike) -> None:
-    """PNG: ms/token per schedule and batch size (Hugging Face and the memory floor as lines), and
+    """PNG: ms/token per schedule and batch size (Hugging Face, the peers and the memory floor as lines), and
     the measured speedup next to the cost model's."""
     try:
         import matplotlib
@@ -95,6 +102,10 @@ def plot(results: dict[str, Any], path: str | os.PathLike) -> None:
         if hf is not None:
             left.axhline(hf["ms_per_token"]["median"], color=color, linestyle="--", linewidth=1,
                          label=f"HF generate, batch {batch}")
+        peers = [r for r in rows if r["batch"] == batch and r["kind"] == "peer"]
+        for peer, style in zip(peers, [":", "-.", (0, (1, 3)), (0, (5, 2, 1, 2))] * 2):
+            left.axhline(peer["ms_per_token"]["median"], color=color, linestyle=style, linewidth=1,
+                         label=f"{peer['contender']}, batch {batch}")
         floors = [mine[label]["memory_floor_ms_per_token"] for label in labels]
         if all(f is not None for f in floors):
             left.scatter(xs + i * width, floors, marker="_", s=300, color="black",

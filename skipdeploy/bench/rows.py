@@ -44,14 +44,20 @@ def rows(contenders: list[Contender], batch_sizes: list[int], spec: ModelSpec, p
                 "tokens_per_s": statistics.median(run.tokens_per_s(batch) for run in runs),
                 "runs": [{"ttft_ms": 1e3 * run.ttft, "decode_ms": 1e3 * run.decode_seconds,
                           "tokens_per_s": run.tokens_per_s(batch)} for run in runs],
-                "speedup_vs_full": paired_median(runs, full.runs[batch], batch) if c.kind == "skipdeploy" else None,
+                # A peer's too: how it compares with skipdeploy's float32 full schedule, same prompts, same rounds.
+                "speedup_vs_full": (paired_median(runs, full.runs[batch], batch) if c.kind in ("skipdeploy", "peer")
+                                    else None),
                 "cost_model_speedup": None, "layer_speedup": None, "fraction_of_cost_model": None,
                 "vs_hf": paired_median(runs, hf.runs[batch], batch) if hf is not None else None,
                 "bytes_per_token": None, "memory_floor_ms_per_token": None, "fraction_of_floor": None,
             }
+            if c.kind == "skipdeploy" and c.export != "float32":  # a schedule's gain on its own weights
+                own_full = next(o for o in contenders if o.export == c.export and o.target is None)
+                row["speedup_vs_export_full"] = paired_median(runs, own_full.runs[batch], batch)
+            if c.kind == "skipdeploy":
+                row["layer_speedup"] = c.schedule.layer_speedup(steps)
             if c.kind == "skipdeploy" and c.export == "float32":
                 row["cost_model_speedup"] = cost_model_speedup(spec, c.schedule, prompt_length, new_tokens)
-                row["layer_speedup"] = c.schedule.layer_speedup(steps)
                 if row["speedup_vs_full"] is not None:
                     row["fraction_of_cost_model"] = row["speedup_vs_full"] / row["cost_model_speedup"]
             if c.kind == "skipdeploy":
@@ -83,12 +89,13 @@ def agreement(reference: list[list[int]], other: list[list[int]]) -> dict[str, f
 
 
 def agreements(contenders: list[Contender], batch_sizes: list[int]) -> list[dict[str, Any]]:
-    """Tokens of the int8 export and of Hugging Face against the float32 full schedule (greedy,
-    same prompts; the last timed run of each)."""
+    """Tokens of the quantized exports' full schedules, of the peers and of Hugging Face against the
+    float32 full schedule (greedy, same prompts; the last timed run of each)."""
     full = next(c for c in contenders if c.label == "full")
     out = []
     for c in contenders:
-        if c.label in ("int8 full", "hf generate"):
+        quantized_full = c.kind == "skipdeploy" and c.export != "float32" and c.target is None
+        if quantized_full or c.label == "hf generate" or c.kind == "peer":
             for batch in batch_sizes:
                 out.append({"contender": c.label, "reference": "full", "batch": batch,
                             **agreement(full.runs[batch][-1].tokens, c.runs[batch][-1].tokens)})

@@ -34,7 +34,7 @@ class Run:
 @dataclass
 class Contender:
     label: str
-    kind: str                              # "skipdeploy" or "hf"
+    kind: str                              # "skipdeploy", "peer" (peer_workers) or "hf"
     run: Callable[[list[list[int]]], Run]
     export: str = "float32"
     schedule: LayerSchedule | None = None

@@ -1,4 +1,5 @@
-"""``skipdeploy bench``: decode speed per batch size and schedule, against Hugging Face generate."""
+"""``skipdeploy bench``: decode speed per batch size and schedule, against Hugging Face generate and
+(``--peers``) the CPU engines a user would pick instead."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import click
 from click.core import ParameterSource
 
 from ..bench import BenchError, format_table, plot, run_bench
+from ..bench.peers import PEERS, peer_names
 from ..errors import InputError
 from ..schedule import Schedule, TargetOutOfReach
 from .options import AliasedOption, comma_list, json_option, max_new_tokens_option
+
+PEER_NAMES = tuple(PEERS)
 
 
 @click.command("bench")
@@ -33,12 +37,25 @@ from .options import AliasedOption, comma_list, json_option, max_new_tokens_opti
               help="Decay length of the skip schedules [default: the decode steps, --max-new-tokens - 1].")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for onnxruntime and for PyTorch "
               "[default: all cores].")
-@click.option("--quantize", type=click.Choice(["int8"]),
-              help="Also measure the int8-weight version of the export (full schedule) and its token agreement "
-                   "with float32; made in a temporary directory unless --int8-export names one.")
-@click.option("--int8-export", type=click.Path(path_type=Path),
-              help="Where the int8 export is (reused) or is written (kept).")
-@click.option("--checkpoint", help="Checkpoint for the Hugging Face baseline [default: the export's source].")
+@click.option("--quantize", "--weights", "quantize", metavar="SCHEME[,SCHEME]",
+              help="Also measure the export with these weights (int8, int4; e.g. int8,int4): the full schedule "
+                   "and every --target-speedup, and their token agreement with float32 full; made in a temporary "
+                   "directory unless --quantized-dir names one.")
+@click.option("--quantized-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Where the quantized exports are (reused: DIR/int8, DIR/int4) or are written (kept).")
+@click.option("--int8-export", type=click.Path(path_type=Path), hidden=True,
+              help="The int8 export's own directory (reused or written; kept).")
+@click.option("--checkpoint", "--model", "checkpoint", metavar="CKPT",
+              help="Checkpoint for the Hugging Face baseline and the peers [default: the export's source].")
+@click.option("--peers", metavar="NAME,NAME,...",
+              help="Also measure other engines on the checkpoint: ct2 (CTranslate2 float32 and int8; OPT and Llama "
+                   "family), ortgenai (onnxruntime-genai fp32 and int4 from its model builder; Llama family), all, "
+                   f"or single ones ({', '.join(PEER_NAMES)}). Each is converted once into --work-dir, runs in a "
+                   "process of its own and takes its turn in every round; its rows have the same fields, and its "
+                   "tokens are compared with the full schedule's. A peer whose package is missing (pip install "
+                   "'skipdeploy[bench]') or that cannot take the checkpoint is skipped with one line.")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Where the peers' conversions are cached [default: ~/.cache/skipdeploy/peers/CKPT-HASH].")
 @click.option("--no-hf", is_flag=True, help="Skip the Hugging Face generate baseline.")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory probe (a fresh process per export and batch "
               "size).")
@@ -51,22 +68,26 @@ from .options import AliasedOption, comma_list, json_option, max_new_tokens_opti
               help="Write a PNG to FILE: ms/token per schedule, and the measured speedup against the cost model's.")
 def command(directory: Path, batch_sizes: str, target_speedup: str, prompt_length: int, max_new_tokens: int,
             repeats: int, warmup: int, decay_tokens: int | None, threads: int | None, quantize: str | None,
-            int8_export: Path | None, checkpoint: str | None, no_hf: bool, no_memory: bool, no_bandwidth: bool,
-            seed: int, as_json: bool, output: Path | None, plot_path: Path | None) -> None:
-    """Measure decode speed per batch size and schedule, against Hugging Face generate.
+            quantized_dir: Path | None, int8_export: Path | None, checkpoint: str | None, peers: str | None, work_dir: Path | None, no_hf: bool,
+            no_memory: bool, no_bandwidth: bool, seed: int, as_json: bool, output: Path | None,
+            plot_path: Path | None) -> None:
+    """Measure decode speed per batch size and schedule, against Hugging Face generate and other engines.
 
     Times to first token, time per output token (median, P90, P99), output tokens/s, layers
     per token, the speedup of each SkipDecode schedule over the full one next to the speedup a
     multiply-add cost model predicts (embed + layers run + head), and the same checkpoint in
-    Hugging Face generate with the same threads. Contenders alternate run by run, so machine
-    drift hits all alike. Prompts are random token ids; EOS is ignored so every row generates
-    --max-new-tokens tokens. Exits 1, after printing what it measured, if a memory probe fails.
+    Hugging Face generate with the same threads; with --peers, CTranslate2 and onnxruntime-genai
+    on the same checkpoint too. Contenders alternate run by run, so machine drift hits all
+    alike. Prompts are random token ids; EOS is ignored so every row generates --max-new-tokens
+    tokens. Exits 1, after printing what it measured, if a memory probe fails.
 
     \b
     Example:
       skipdeploy bench opt-125m-sd --batch-sizes 1,8 --target-speedup 2,3,5 \\
-          --quantize int8 --output bench.json --plot bench.png
+          --quantize int8,int4 --output bench.json --plot bench.png
+      skipdeploy bench smollm2-sd --checkpoint smollm2-ckpt --peers ct2,ortgenai
     """
+    peer_list = peer_names(comma_list(peers, "--peers", str)) if peers is not None else []
     targets = comma_list(target_speedup, "--target-speedup") if target_speedup.strip() else []
     given = click.get_current_context().get_parameter_source("target_speedup") != ParameterSource.DEFAULT
     targets = _reachable(directory, targets, decay_tokens or max(1, max_new_tokens - 1), given)
@@ -78,9 +99,11 @@ def command(directory: Path, batch_sizes: str, target_speedup: str, prompt_lengt
         results = run_bench(directory, batch_sizes=comma_list(batch_sizes, "--batch-sizes", int),
                             target_speedups=targets, prompt_length=prompt_length, new_tokens=max_new_tokens,
                             repeats=repeats, warmup=warmup, decay_tokens=decay_tokens, threads=threads,
-                            hf=not no_hf, checkpoint=checkpoint, quantize=quantize, int8_export=int8_export,
-                            memory=not no_memory, bandwidth=not no_bandwidth, seed=seed,
-                            log=lambda m: click.echo(m, err=True))
+                            hf=not no_hf, checkpoint=checkpoint,
+                            quantize=comma_list(quantize, "--quantize", str) if quantize is not None else None,
+                            int8_export=int8_export, quantized_dir=quantized_dir,
+                            memory=not no_memory, bandwidth=not no_bandwidth, seed=seed, peers=peer_list,
+                            work_dir=work_dir, log=lambda m: click.echo(m, err=True))
     except BenchError as exc:  # the timings are in: show them, then fail
         results, failure = exc.results, exc
     click.echo(json.dumps(results, indent=1) if as_json else format_table(results))

@@ -24,8 +24,9 @@ from .options import AliasedOption, format_size, pop_schedule_options, schedule_
 @schedule_options
 @click.option("--tensorrt", is_flag=True, help="Also build TensorRT engines for this GPU into the export's engines/ "
               "(needs TensorRT and a GPU; see build-engines).")
-@click.option("--weights", "quantize", cls=AliasedOption, hidden_aliases=("--quantize",), type=click.Choice(["int8"]),
-              help="Write int8-weight graphs for CPU decoding instead of float ones (as the quantize command).")
+@click.option("--weights", "quantize", cls=AliasedOption, hidden_aliases=("--quantize",),
+              type=click.Choice(["int8", "int4"]), help="Write int8- or int4-weight graphs for CPU decoding instead of float ones (as the quantize "
+                   "command).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (only once the new export is complete).")
 @click.option("--no-check", is_flag=True, help="Skip the per-graph check against PyTorch.")
 def command(model: str, out: Path, dtype: str, opset: int, max_length: int | None, max_batch: int,

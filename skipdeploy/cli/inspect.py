@@ -34,7 +34,8 @@ def command(directory: Path, as_json: bool, no_verify: bool) -> None:
         ("KV cache", f"{format_size(2 * s.num_layers * s.kv_dim * itemsize(m.dtype))} per token and row with every "
                      "layer run (a schedule's skipped layers hold none)"),
         ("graphs", f"{m.dtype}, opset {m.opset}, KV {m.raw.get('kv_contract')} ({m.raw.get('kv_layout')})"),
-        *([("weights", _describe_quantization(m.quantization))] if m.quantization else []),
+        *([("weights", _describe_quantization(m.quantization)), ("bytes", _quantized_bytes(m)),
+           ("error", _graph_errors(m.quantization))] if m.quantization else []),
         ("schedule", m.schedule.describe()),
         ("limits", f"max batch {m.limits.get('max_batch')}, max length {m.limits.get('max_length')}"),
         ("tokenizer", m.raw.get("tokenizer") or "none (use --input-ids)"),
@@ -61,5 +62,26 @@ def _describe_quantization(q: dict) -> str:
     errors = q.get("max_error_vs_float") or {}
     worst = f"; max error vs float32 {max(errors.values()):.1e}" if errors else ""
     source = f"; from {q['source']}" if q.get("source") else ""
-    return (f"{q.get('weights')} in {len(q.get('graphs', []))} graphs "
-            f"({'per channel' if q.get('per_channel') else 'per tensor'}){worst}{source}")
+    if "block_size" in q:  # int4
+        how = (f"blocks of {q['block_size']}, {'symmetric' if q.get('symmetric', True) else 'with zero points'}, "
+               f"accuracy_level {q.get('accuracy_level', 0)}")
+    else:
+        how = "per channel" if q.get("per_channel") else "per tensor"
+    return f"{q.get('weights')} in {len(q.get('graphs', []))} graphs ({how}){worst}{source}"
+
+
+def _quantized_bytes(m) -> str:
+    """The quantized graphs' bytes (weights and all), next to the float32 bytes they replaced
+    (recorded since int4; older int8 manifests give the quantized side only)."""
+    q = m.quantization
+    now = sum(m.files[g]["size"] for g in q.get("graphs", []) if g in m.files)
+    before = (q.get("weight_bytes") or {}).get("float32")
+    ratio = f"; float32: {format_size(before)}, {before / now:.1f}x more" if before and now else ""
+    return f"{format_size(now)} in the quantized layer and head graphs{ratio}"
+
+
+def _graph_errors(q: dict) -> str:
+    errors = q.get("max_error_vs_float") or {}
+    if not errors:
+        return "not recorded"
+    return "vs float32, per graph: " + ", ".join(f"{g.removesuffix('.onnx')} {e:.1e}" for g, e in errors.items())

@@ -1,22 +1,25 @@
 """onnxruntime for in-flight batching: each layer split around its attention (``slot_graphs``).
 
 The embedding and LM head are the export's own graphs; every decoder layer becomes a
-``layer_in`` and a ``layer_out`` session built in memory from the layer graph's weights, and one
-weightless ``slot_attention`` session (onnxruntime's GroupQueryAttention) serves all layers. The
-slot cache is one numpy buffer per layer for keys and one for values, [rows, H, C, D]; a run of
-consecutive slots is bound in place, and the attention writes the new keys and values straight
-into it (``present_*`` bound to the past's memory). Nothing in a step copies the cache.
+``layer_in`` and a ``layer_out`` session cut in memory out of the export's own layer graph (its
+nodes as the static path runs them: float32, int8 or int4 weights alike; an export from before
+the cut's tensor names has its float layers rebuilt from their weights), and one weightless
+``slot_attention`` session (onnxruntime's GroupQueryAttention) serves all layers. The slot cache
+is one numpy buffer per layer for keys and one for values, [rows, H, C, D]; a run of consecutive
+slots is bound in place, and the attention writes the new keys and values straight into it
+(``present_*`` bound to the past's memory). Nothing in a step copies the cache.
 
 Only the layer sessions differ from ``OnnxRuntimeEngine`` (both build on ``OnnxRuntimeGraphs``),
-so the weights are pre-packed once: the monolithic layer graphs are not loaded.
+so the weights are pre-packed once: no session of the monolithic layer graphs is made.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from ..errors import BackendError
-from ..exporter.slot_graphs import build_layer_in, build_layer_out, build_slot_attention
+from ..exporter.slot_graphs import build_layer_in, build_layer_out, build_slot_attention, cut_layer
 from ..families.weights import read_layer_weights
 from ..manifest import Manifest
 from .base import InflightEngine, SlotCache
@@ -27,9 +30,9 @@ class InflightOnnxRuntimeEngine(OnnxRuntimeGraphs, InflightEngine):
     """In-flight batching on onnxruntime (CPU): split layer sessions over a numpy slot cache."""
 
     def __init__(self, manifest: Manifest, threads: int | None = None) -> None:
-        if manifest.dtype != "float32" or manifest.quantization:
-            raise BackendError(f"in-flight batching on onnxruntime runs float32 exports; {manifest.directory} is "
-                               f"{(manifest.quantization or {}).get('weights') or manifest.dtype}")
+        if manifest.dtype != "float32":  # activations and cache; the weights may be quantized
+            raise BackendError(f"in-flight batching on onnxruntime runs float32 exports (float32, int8 or int4 "
+                               f"weights); {manifest.directory} is {manifest.dtype}")
         super().__init__(manifest, threads=threads)
         spec = self.spec
         # Row widths of layer_in's outputs and of the attention's inputs and output.
@@ -40,11 +43,18 @@ class InflightOnnxRuntimeEngine(OnnxRuntimeGraphs, InflightEngine):
         spec, manifest, opset = self.spec, self.manifest, self.manifest.opset
         self.in_sessions, self.out_sessions = [], []
         for i in range(spec.num_layers):
-            weights = read_layer_weights(manifest.layer_path(i), spec, purpose="in-flight batching")
-            self.in_sessions.append(session(build_layer_in(spec, weights, manifest.dtype, opset).SerializeToString()))
-            self.out_sessions.append(session(build_layer_out(spec, weights, manifest.dtype, opset)
-                                             .SerializeToString()))
-            del weights
+            parts = cut_layer(onnx.load(str(manifest.layer_path(i))), spec, manifest.dtype)
+            if parts is None:  # an export from before the cut's names: its float weights, rebuilt
+                if manifest.quantization:
+                    raise BackendError(f"{manifest.layer_path(i)} names no tensors to cut for in-flight batching "
+                                       "(an export from an older skipdeploy): re-export and quantize again")
+                weights = read_layer_weights(manifest.layer_path(i), spec, purpose="in-flight batching")
+                parts = (build_layer_in(spec, weights, manifest.dtype, opset),
+                         build_layer_out(spec, weights, manifest.dtype, opset))
+                del weights
+            self.in_sessions.append(session(parts[0].SerializeToString()))
+            self.out_sessions.append(session(parts[1].SerializeToString()))
+            del parts
         self.attention_session = session(build_slot_attention(spec, manifest.dtype, opset).SerializeToString())
         self._in_io = [PointerBinding(s) for s in self.in_sessions]
         self._out_io = [PointerBinding(s) for s in self.out_sessions]

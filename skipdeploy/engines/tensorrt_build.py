@@ -225,14 +225,14 @@ def build_engines(directory: str | os.PathLike, *, max_batch: int | None = None,
                   device_id: int = 0, log: Callable[[str], None] | None = None) -> EngineSet:
     """Build (or find up to date) the engines of the export at ``directory`` for this machine."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    manifest = read_manifest(directory, verify=True)
+    if manifest.raw.get("quantization"):  # refused first: no TensorRT install makes it buildable
+        raise BackendError(f"{manifest.directory} is a quantized export ({manifest.raw['quantization'].get('weights')} "
+                           "weights for the CPU); build TensorRT engines from the float16 export instead")
     trt = import_tensorrt()
     from .cuda_memory import gpu_identity
 
     identity = gpu_identity(device_id)
-    manifest = read_manifest(directory, verify=True)
-    if manifest.raw.get("quantization"):
-        raise BackendError(f"{manifest.directory} is a quantized export (int8 weights for the CPU); build "
-                           "TensorRT engines from the float16 export instead")
     profile = Profile.for_manifest(manifest, max_batch, max_length, max_prompt, opt_batch)
     if manifest.dtype != "float16":
         log("note: this export is float32, so its engines are float32; export with --dtype float16 for fp16 "

@@ -31,7 +31,7 @@ class TorchGraphs(Engine):
 
     def __init__(self, manifest: Manifest, device: str = "cpu", dtype: str | None = None) -> None:
         super().__init__(manifest)
-        if manifest.quantization:  # int8 graphs hold no float weights to read
+        if manifest.quantization:  # int8 and int4 graphs hold no float weights to read
             raise BackendError(f"{manifest.directory} has {manifest.quantization.get('weights')} weights; "
                                "the torch backend runs float exports: use the onnxruntime backend, or the "
                                "float32 export it was quantized from")

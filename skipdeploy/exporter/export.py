@@ -43,8 +43,8 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
     function of the number of layers, which is known only once the checkpoint is read, or of the
     number of layers and the checkpoint's fine-tuned schedule (None when it has none), so that
     options giving part of a schedule can modify that one.
-    ``quantize="int8"`` writes the int8-weight export (``quantize_export``) of the float32 graphs
-    to ``out`` instead of the float32 export itself. A second export to the same ``out`` while
+    ``quantize="int8"`` or ``"int4"`` writes that quantized export (``quantize_export``) of the
+    float32 graphs to ``out`` instead of the float32 export itself. A second export to the same ``out`` while
     this one writes it is refused (ExportError); see ``staging``.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -109,9 +109,9 @@ def _check_options(dtype: str, opset: int, max_batch: int, quantize: str | None,
         if quantize not in SCHEMES:
             raise ExportError(f"quantize must be one of {', '.join(SCHEMES)} (got {quantize!r})")
         if dtype != "float32":
-            raise ExportError(f"int8 weights are made from float32 graphs (got dtype {dtype})")
+            raise ExportError(f"{quantize} weights are made from float32 graphs (got dtype {dtype})")
         if tensorrt:
-            raise ExportError("int8 weights are for the CPU; TensorRT engines are built from float exports")
+            raise ExportError(f"{quantize} weights are for the CPU; TensorRT engines are built from float exports")
     if tensorrt:
         _require_tensorrt()
 

@@ -18,6 +18,15 @@ from ..numerics import MASK_VALUE  # finite (DESIGN.md section 3)
 from .onnx_builder import ONNX_DTYPE, Builder, value_info, weights_of
 
 
+# Names of the tensors where a layer graph's rows enter and leave its attention: the in-flight
+# engine cuts the layer there (``slot_graphs.cut_layer``), whatever quantized nodes it holds.
+# Inner tensors, not graph I/O (DESIGN.md section 3): hidden and positions as rows [B*T, E] and
+# [B*T], query/key/value rows [B*T, H*D or Hkv*D] (RoPE applied), the attention's context rows
+# [B*T, H*D] and the layer's output rows [B*T, E].
+LAYER_CUT = {"hidden": "hidden_rows", "position_ids": "position_rows", "query": "query_rows", "key": "key_rows",
+             "value": "value_rows", "context": "context_rows", "hidden_out": "hidden_out_rows"}
+
+
 def layer_io(spec: ModelSpec) -> dict:
     return ROPE_LAYER_IO if for_model_type(spec.model_type).rope else LAYER_IO
 
@@ -46,9 +55,10 @@ def build_layer(spec: ModelSpec, w: dict[str, np.ndarray | None], dtype: str, op
     dt = ONNX_DTYPE[dtype]
     W = weights_of(b, w, family.FP32_PREFIXES)
 
-    x = b.op("Reshape", ["hidden", b.const([-1, E])])                                 # [B*T, E]
-    positions = b.op("Reshape", ["position_ids", b.const([-1])]) if family.rope else None
-    q, k, v = family.layer_input(b, spec, W, x, positions)
+    cut = LAYER_CUT
+    x = b.op("Reshape", ["hidden", b.const([-1, E])], [cut["hidden"]])               # [B*T, E]
+    positions = b.op("Reshape", ["position_ids", b.const([-1])], [cut["position_ids"]]) if family.rope else None
+    q, k, v = _rename(b, family.layer_input(b, spec, W, x, positions), [cut["query"], cut["key"], cut["value"]])
     batch_new = b.op("Shape", ["hidden"], start=0, end=2)
     q = b.op("Transpose", [b.op("Reshape", [q, b.op("Concat", [batch_new, b.const([H, D])], axis=0)])],
              perm=[0, 2, 1, 3])                                                       # [B,H,T,D]
@@ -85,8 +95,9 @@ def build_layer(spec: ModelSpec, w: dict[str, np.ndarray | None], dtype: str, op
                            b.op("MatMul", [new_probs, b.op("Transpose", [v], perm=[0, 2, 1, 3])])])
     if G > 1:
         context = b.op("Reshape", [context, b.const([0, H, -1, D])])                 # [B,H,T,D]
-    context = b.op("Reshape", [b.op("Transpose", [context], perm=[0, 2, 1, 3]), b.const([-1, H * D])])
-    x = family.layer_output(b, spec, W, x, context)
+    context = b.op("Reshape", [b.op("Transpose", [context], perm=[0, 2, 1, 3]), b.const([-1, H * D])],
+                   [cut["context"]])
+    [x] = _rename(b, [family.layer_output(b, spec, W, x, context)], [cut["hidden_out"]])
     b.op("Reshape", [x, b.op("Shape", ["hidden"])], ["hidden_out"])
 
     inputs = {"hidden": value_info("hidden", dt, ["batch", "new_tokens", E]),
@@ -99,6 +110,17 @@ def build_layer(spec: ModelSpec, w: dict[str, np.ndarray | None], dtype: str, op
                value_info("value", dt, ["new_tokens", "batch", Hkv, D])]
     io = layer_io(spec)
     return b.model(name, [inputs[n] for n in io["inputs"]], outputs, opset)
+
+
+def _rename(b: Builder, names: list[str], new: list[str]) -> list[str]:
+    """Give the tensors ``names``, outputs of the family's nodes already in ``b``, the names ``new``."""
+    mapping = dict(zip(names, new))
+    produced = {out for node in b.nodes for out in node.output}
+    assert len(mapping) == len(names) and produced.issuperset(names), names  # distinct node outputs
+    for node in b.nodes:
+        for values in (node.input, node.output):
+            values[:] = [mapping.get(n, n) for n in values]
+    return new
 
 
 def build_embed(spec: ModelSpec, w: dict[str, np.ndarray | None], dtype: str, opset: int) -> onnx.ModelProto:

@@ -1,18 +1,43 @@
-"""int8 weights for the CPU: an export whose layer and head graphs use dynamically quantized MatMuls.
+"""Quantized weights for the CPU: an export whose layer and head graphs multiply with int8 or int4 weights.
 
-``quantize_export(SRC, OUT)`` reads a float32 export (no checkpoint needed) and writes a new export
-directory whose decoder layers and LM head multiply with int8 weights: onnxruntime's dynamic
-quantization replaces each weight MatMul by ``DynamicQuantizeLinear`` (the activations, per call)
-+ ``MatMulInteger`` (standard ONNX ops; onnxruntime fuses them into ``DynamicQuantizeMatMul``
-and runs u8 x s8 kernels, VNNI where the CPU has it). Weights are quantized per output channel,
-symmetric. Attention (query x keys, probabilities x values), LayerNorm, softmax, the KV cache and
-the logits stay float32; the embedding graph is copied unchanged.
+``quantize_export(SRC, OUT, weights=...)`` reads a float32 export (no checkpoint needed) and
+writes a new export directory whose decoder layers and LM head multiply with quantized weights.
+Attention (query x keys, probabilities x values), LayerNorm, softmax, the KV cache and the logits
+stay float32; the embedding graph (and ``embeddings.bin``) is copied unchanged. The export keeps
+``"dtype": "float32"`` (activations and KV cache) and says what was quantized in its
+``"quantization"`` entry; backends that read float weights (the torch reference) refuse it.
 
-Weight bytes read per token drop about 4x, which is what bounds decoding at batch 1. The price is
-accuracy: the manifest records the error of every quantized graph against its float32 original
-on random inputs, and ``skipdeploy bench --quantize int8`` reports token agreement with float32.
-The export keeps ``"dtype": "float32"`` (activations and KV cache) and says what was quantized
-in its ``"quantization"`` entry; backends that read float weights (the torch reference) refuse it.
+int8 (``weights="int8"``): onnxruntime's dynamic quantization replaces each weight MatMul by
+``DynamicQuantizeLinear`` (the activations, per call) + ``MatMulInteger`` (standard ONNX ops;
+onnxruntime fuses them into ``DynamicQuantizeMatMul`` and runs u8 x s8 kernels, VNNI where the
+CPU has it). Weights are quantized per output channel, symmetric.
+
+int4 (``weights="int4"``; ``int4.py`` writes it), the graph format exactly:
+- every ``Gemm``/``MatMul`` whose B input is a 2-D float32 initializer W (layers: ``qkv.weight``,
+  ``out_proj.weight``, the MLP matrices (``fc1.weight``/``fc2.weight``, Llama's gate/up/down);
+  head: ``lm_head.weight``; the family's ``LAYER_WEIGHTS``/``HEAD_WEIGHTS``: another constant
+  matrix, such as Llama's ``rope.rotate_half``, stays a float ``MatMul``, also in int8) becomes
+  ONE node ``MatMulNBits`` (domain ``com.microsoft``; the model
+  imports opset ``com.microsoft`` 1), named ``<node>_Q4``, writing the original node's output;
+- its logical weight is [K, N] = W as the graph multiplies by it: the layers' Gemm B as stored
+  ([in, out]); the head's ``lm_head.weight`` [V, E] (Gemm ``transB=1``) transposed, K=E, N=V;
+- inputs: ``A``, ``<W>_Q4`` (uint8 [N, ceil(K/bs), bs/2]: 4-bit values, two per byte, low nibble
+  first, blocks of ``bs`` along K, K zero-padded to whole blocks), ``<W>_scales`` (float32
+  [N, ceil(K/bs)]), then zero points: omitted when symmetric (the default: value = (q - 8) x
+  scale), else ``<W>_zero_points`` (uint8 [N, ceil(ceil(K/bs)/2)], two per byte); input 4
+  (g_idx) empty; input 5 the Gemm's bias initializer under its own name (``qkv.bias``, ...), [N],
+  unchanged float32, when the Gemm has one (a bias of another shape becomes an ``Add`` after the
+  node);
+- attributes ``K``, ``N``, ``bits`` = 4, ``block_size`` and ``accuracy_level`` (left out when 0;
+  4 = int8 activations inside the kernel) as recorded in the manifest's ``"quantization"`` entry;
+- the float W initializers are gone from the graph; the head holds its own quantized copy, so
+  its manifest entry lists no ``"data"`` (``embed.onnx`` still reads ``embeddings.bin``).
+``int4.dequantize_int4`` turns the three tensors back into W [K, N].
+
+Weight bytes read per token drop about 4x (int8) or 6-7x (int4, with its scales), which is what
+bounds decoding at batch 1. The price is accuracy: the manifest records the error of every
+quantized graph against its float32 original on random inputs, and ``skipdeploy bench
+--quantize int8`` reports token agreement with float32.
 """
 
 from __future__ import annotations
@@ -30,26 +55,36 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ExportError
+from ..families import for_model_type
 from ..manifest import MANIFEST, Manifest, describe_file, read_manifest, write_manifest
 from ..numerics import relative_error
+from .int4 import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, check_int4_options, quantize_graph_int4
 from .staging import move_into_place, staging_directory
 
-SCHEMES = ("int8",)
-METHOD = "onnxruntime dynamic quantization (DynamicQuantizeLinear + MatMulInteger), weights int8 per channel"
+SCHEMES = ("int8", "int4")
+METHODS = {
+    "int8": "onnxruntime dynamic quantization (DynamicQuantizeLinear + MatMulInteger), weights int8 per channel",
+    "int4": "onnxruntime MatMulNBits (com.microsoft), weights int4 in blocks along K, round to nearest",
+}
+METHOD = METHODS["int8"]  # the name this module exported before int4
 
 
 def quantize_export(source: str | os.PathLike, out: str | os.PathLike, *, weights: str = "int8",
-                    per_channel: bool = True, force: bool = False, progress: bool | None = None,
+                    per_channel: bool = True, block_size: int | None = None, accuracy_level: int | None = None,
+                    symmetric: bool | None = None, force: bool = False, progress: bool | None = None,
                     log: Callable[[str], None] | None = None, record_source: bool = True) -> Manifest:
-    """Write an int8-weight copy of the float32 export ``source`` to ``out`` (atomically) and
-    return its manifest. ``record_source=False`` when ``source`` is transient (``export
-    --quantize``): the manifest then names no float32 export to verify against. A second export
-    to the same ``out`` while this one writes it is refused (ExportError); see ``staging``."""
+    """Write a copy of the float32 export ``source`` with ``weights`` ("int8" or "int4") layer
+    and head matrices to ``out`` (atomically) and return its manifest. int4 only: ``block_size``,
+    ``accuracy_level`` (defaults chosen by tools/int4_choice.py) and ``symmetric`` (default True).
+    ``record_source=False`` when ``source`` is transient (``export --weights``): the manifest
+    then names no float32 export to verify against. A second export to the same ``out`` while
+    this one writes it is refused (ExportError); see ``staging``."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if weights not in SCHEMES:
-        raise ExportError(f"weights must be one of {', '.join(SCHEMES)} (got {weights!r})")
+    options = _check_options(weights, per_channel, block_size, accuracy_level, symmetric)
     try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        import onnx  # noqa: F401  (both schemes rewrite graphs with it)
+        if weights == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as exc:  # onnxruntime.quantization needs the onnx package
         raise ExportError(f"quantizing needs onnx ({exc}); pip install 'skipdeploy[export]'") from None
     src = read_manifest(source, verify=True)
@@ -57,7 +92,7 @@ def quantize_export(source: str | os.PathLike, out: str | os.PathLike, *, weight
         raise ExportError(f"{source} is already quantized ({src.raw['quantization'].get('weights')}); "
                           "quantize the float32 export instead")
     if src.dtype != "float32":
-        raise ExportError(f"{source} holds {src.dtype} graphs; int8 quantization starts from a float32 export")
+        raise ExportError(f"{source} holds {src.dtype} graphs; {weights} quantization starts from a float32 export")
     out = Path(out).expanduser()
     if out.resolve() == src.directory.resolve():
         raise ExportError("the quantized export needs its own directory (--out differs from the source)")
@@ -68,35 +103,46 @@ def quantize_export(source: str | os.PathLike, out: str | os.PathLike, *, weight
 
     with staging_directory(out, force=force) as tmp:
         graphs = json.loads(json.dumps(src.graphs))  # a deep copy to edit
-        quantized = [g["file"] for g in graphs["layers"]] + [graphs["head"]["file"]]
+        entries = graphs["layers"] + [graphs["head"]]
+        quantized = [g["file"] for g in entries]
         errors: dict[str, float] = {}
         bar = tqdm(quantized, desc="quantize", unit="graph", disable=None if progress is None else not progress,
                    file=sys.stderr)
+        family = for_model_type(src.model.model_type)
         for name in bar:
             bar.set_postfix_str(name)
-            with _quiet_root_logger():  # it suggests pre-processing for every graph
-                quantize_dynamic(src.directory / name, tmp / name, weight_type=QuantType.QInt8,
-                                 per_channel=per_channel, op_types_to_quantize=["MatMul", "Gemm"],
-                                 extra_options={"MatMulConstBOnly": True})
+            names = family.HEAD_WEIGHTS if name == graphs["head"]["file"] else family.LAYER_WEIGHTS
+            if weights == "int4":
+                quantize_graph_int4(src.directory / name, tmp / name, options["block_size"],
+                                    options["accuracy_level"], options["symmetric"], names)
+            else:
+                with _quiet_root_logger():  # it suggests pre-processing for every graph
+                    quantize_dynamic(src.directory / name, tmp / name, weight_type=QuantType.QInt8,
+                                     per_channel=per_channel, op_types_to_quantize=["MatMul", "Gemm"],
+                                     nodes_to_exclude=_constant_matrices_besides(src.directory / name, names),
+                                     extra_options={"MatMulConstBOnly": True})
             errors[name] = _graph_error(src, name, src.directory / name, tmp / name)
         bar.close()
-        for entry in graphs["layers"] + [graphs["head"]]:
-            entry.pop("data", None)  # int8 weights live inside the graph
+        # The float bytes a quantized graph replaces include its external data (the head's tied matrix).
+        float_bytes = sum((src.directory / n).stat().st_size for g in entries for n in [g["file"], *g.get("data", [])])
+        for entry in entries:
+            entry.pop("data", None)  # quantized weights live inside the graph
         kept = {graphs["embed"]["file"], *graphs["embed"].get("data", [])}
         if src.raw.get("tokenizer"):
             kept.add(src.raw["tokenizer"])
         for name in sorted(kept):
             shutil.copy2(src.directory / name, tmp / name)
         worst = max(errors, key=errors.get)
-        log(f"quantized {len(errors)} graphs to int8 weights: max error against float32 {errors[worst]:.2e} "
+        log(f"quantized {len(errors)} graphs to {weights} weights: max error against float32 {errors[worst]:.2e} "
             f"({worst}, relative to the output's scale)")
         data = dict(src.raw)
         data.update({
             "graphs": graphs,
             "files": {p.name: describe_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
             "quantization": {
-                "weights": weights, "method": METHOD, "per_channel": per_channel, "graphs": quantized,
+                "weights": weights, "method": METHODS[weights], **options, "graphs": quantized,
                 "max_error_vs_float": errors,
+                "weight_bytes": {"float32": float_bytes, weights: sum((tmp / n).stat().st_size for n in quantized)},
                 **({"source": str(src.directory.resolve()),
                     "source_manifest_sha256": describe_file(src.directory / MANIFEST)["sha256"]}
                    if record_source else {"source": None}),
@@ -109,6 +155,37 @@ def quantize_export(source: str | os.PathLike, out: str | os.PathLike, *, weight
         move_into_place(tmp, out)
     manifest.directory = out
     return manifest
+
+
+def _check_options(weights: str, per_channel: bool, block_size: int | None, accuracy_level: int | None,
+                   symmetric: bool | None) -> dict:
+    """The scheme's options as the manifest records them; the other scheme's refused."""
+    if weights not in SCHEMES:
+        raise ExportError(f"weights must be one of {', '.join(SCHEMES)} (got {weights!r})")
+    if weights == "int8":
+        given = [n for n, v in (("block_size", block_size), ("accuracy_level", accuracy_level),
+                                ("symmetric", symmetric)) if v is not None]
+        if given:
+            raise ExportError(f"{', '.join(given)} are int4 options; int8 weights take per_channel only")
+        return {"per_channel": per_channel}
+    if not per_channel:
+        raise ExportError("per-tensor scales are an int8 option; int4 weights have one scale per block")
+    options = {"block_size": DEFAULT_BLOCK_SIZE if block_size is None else block_size,
+               "accuracy_level": DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level,
+               "symmetric": True if symmetric is None else bool(symmetric)}
+    check_int4_options(options["block_size"], options["accuracy_level"])
+    return options
+
+
+def _constant_matrices_besides(path: Path, names: tuple[str, ...]) -> list[str]:
+    """The nodes multiplying by a constant matrix other than the family's weights (RoPE's signed
+    permutation): exact in float32, so left unquantized."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    return [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
+            and n.input[1] in inits and n.input[1] not in names]
 
 
 def is_quantized_from(quantized: Manifest, source: Manifest) -> bool:
@@ -160,4 +237,4 @@ def _graph_error(manifest: Manifest, name: str, reference: Path, quantized: Path
     return max(relative_error(g, w) for g, w in zip(got, want))
 
 
-__all__ = ["quantize_export", "is_quantized_from", "SCHEMES"]
+__all__ = ["quantize_export", "is_quantized_from", "SCHEMES", "METHODS"]

@@ -36,7 +36,7 @@ def read_layer_weights(path: str | Path, spec, purpose: str = "this backend") ->
     family = for_model_type(spec.model_type)
     found = read_weights(path, family.LAYER_WEIGHTS)
     if any(name not in found for name in family.REQUIRED_WEIGHTS):
-        raise BackendError(f"{path} holds no float layer weights (an int8 export?): {purpose} runs float "
+        raise BackendError(f"{path} holds no float layer weights (a quantized export?): {purpose} runs float "
                            "exports; use the float export it was quantized from")
     return found
 
