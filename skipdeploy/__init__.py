@@ -22,7 +22,8 @@ def export(model, out, **kwargs):
 
 
 def quantize(source, out, **kwargs):
-    """Write an int8- or int4-weight copy of a float32 export (see ``skipdeploy.exporter.quantize.quantize_export``)."""
+    """Write an int8-, int4- or int8-dynamic-weight copy of a float32 export
+    (``skipdeploy.exporter.quantize.quantize_export``)."""
     try:
         from .exporter.quantize import quantize_export
     except ImportError as exc:

@@ -4,6 +4,7 @@ relies on. Fast and free of timing assertions: only structure and arithmetic are
 from __future__ import annotations
 
 import json
+import shutil
 
 import click
 import numpy as np
@@ -19,6 +20,7 @@ from skipdeploy.cli import main
 from skipdeploy.errors import BackendError, ExportError, InputError, SkipDeployError
 from skipdeploy.exporter.quantize import quantize_export
 from skipdeploy.manifest import ModelSpec, read_manifest
+from skipdeploy.verify import LOGITS_TOLERANCES
 
 from .conftest import PROMPTS, run_cli
 
@@ -115,6 +117,27 @@ def test_bench_cli_with_int8_output_plot_and_memory(exports, int8_export, tmp_pa
         assert m["budget_bytes"] == m["weights_bytes"] + m["kv_cache_bytes"] + 300_000_000
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "int8 full" in result.stdout and "memory float32, batch 2" in result.stdout and data["errors"] == []
+
+
+def test_bench_quantize_int8_dynamic_and_an_old_int8_export(exports, tmp_path):
+    """--quantize takes the three schemes; an export under DIR/int8 written when int8 meant dynamic
+    quantization is not reused as int8."""
+    results = run_bench(exports["tiny"], batch_sizes=[1], target_speedups=[], prompt_length=3, new_tokens=2,
+                        repeats=1, warmup=0, threads=1, quantize="int8-dynamic", quantized_dir=tmp_path, hf=False,
+                        memory=False, bandwidth=False, progress=False, log=lambda m: None)
+    assert [r["contender"] for r in results["rows"]] == ["full", "int8-dynamic full"]
+    assert results["rows"][1]["export"] == "int8-dynamic"
+    assert [a["contender"] for a in results["agreement"]] == ["int8-dynamic full"]
+    q = read_manifest(tmp_path / "int8-dynamic").quantization
+    assert q["weights"] == "int8-dynamic" and "MatMulInteger" in q["method"]
+    old = tmp_path / "int8"  # the same export, its manifest as skipdeploy wrote it before int8-dynamic
+    shutil.copytree(tmp_path / "int8-dynamic", old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["quantization"]["weights"] = "int8"
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=r"is not an int8 export \(int8-dynamic weights\)"):
+        run_bench(exports["tiny"], target_speedups=[], quantize="int8", quantized_dir=tmp_path, hf=False,
+                  memory=False, bandwidth=False, progress=False)
 
 
 def test_bench_refuses_bad_options(exports, int8_export):
@@ -234,13 +257,15 @@ def test_quantize_command_inspect_and_verify_against_the_float_export(exports, t
     assert result.exit_code == 0, result.output
     assert "int8 weights" in result.output and read_manifest(out).quantization["source"] == str(exports["tiny"])
     shown = run_cli("inspect", out).output
-    assert "int8 in 5 graphs (per channel); max error vs float32" in shown and "before quantization" in shown
+    assert "int8 in 5 graphs (blocks of 32, symmetric, accuracy_level 4); max error vs float32" in shown
+    assert "before quantization" in shown
     report = json.loads(run_cli("verify", out, "--json").stdout)
     assert report["ok"], report
     errors = [g["error"] for g in report["graphs"][1:]]  # embed.onnx is copied unchanged
     # Really int8 (far above float32 noise), yet within the int8 tolerance; logits likewise.
     assert all(1e-4 < e <= g["tolerance"] for e, g in zip(errors, report["graphs"][1:]))
-    assert all(d["reference"] == "torch backend" and d["tolerance"] == 0.1 for d in report["decode"])
+    assert all(d["reference"] == "torch backend" and d["tolerance"] == LOGITS_TOLERANCES["int8"]
+               for d in report["decode"])
     assert run_cli("quantize", exports["tiny"], "--out", out).exit_code == 1  # exists, no --force
     again = run_cli("quantize", out, "--out", tmp_path / "again")
     assert again.exit_code == 1 and "already quantized" in again.output

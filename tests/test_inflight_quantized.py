@@ -1,17 +1,19 @@
 """In-flight batching on quantized exports: the in-flight engine cuts ``layer_in``/``layer_out``
-out of the export's own layer graphs (``slot_graphs.cut_layer``), so int8 and int4 layers run the
-very nodes the static path runs, and requests get ``Runtime.generate``'s tokens.
+out of the export's own layer graphs (``slot_graphs.cut_layer``), so int8, int4 and int8-dynamic
+layers run the very nodes the static path runs, and requests get ``Runtime.generate``'s tokens.
 
 How exact depends on the scheme, not on the engine (DESIGN.md section 11):
 - int4 with float32 compute (``accuracy_level=0``): as float32, every request equals its solo run,
   greedy and seeded, whatever shares the batch;
-- int4 as exported by default (``accuracy_level=4``: the kernel rounds activations to int8 per
-  row and block): the attention's float rounding (onnxruntime's GroupQueryAttention here, standard
-  ops in the static graph) can move an activation across an int8 rounding step, so greedy
-  requests are compared with a wider near-tie margin and seeded ones are not compared;
-- int8 (``DynamicQuantizeLinear``: one activation scale per call, over all of the call's rows):
-  a row's numbers depend on the rows that share its call, in the static path's batches as here;
-  a request running alone (``max_batch=1``) equals its solo run exactly.
+- int8 and int4 as exported by default (MatMulNBits, ``accuracy_level=4``: the kernel rounds
+  activations to int8 per row and block): no row depends on the others of its call (on the static
+  path a row's logits are bit-equal alone and in a batch), but the attention's float rounding
+  (onnxruntime's GroupQueryAttention here, standard ops in the static graph) can move an
+  activation across an int8 rounding step, so greedy requests are compared with a wider near-tie
+  margin and seeded ones are not compared (a seeded tiny-llama int8 request drew another token);
+- int8-dynamic (``DynamicQuantizeLinear``: one activation scale per call, over all of the call's
+  rows): a row's numbers depend on the rows that share its call, in the static path's batches as
+  here; a request running alone (``max_batch=1``) equals its solo run exactly.
 The tiny models are a torch-free OPT and Llama export (random numpy weights), quantized here.
 """
 
@@ -33,9 +35,11 @@ from .test_serving_engine import SCHEDULES, _check_against_solo, _requests
 SHAPES = ["tiny", "tiny-llama"]
 # scheme -> quantize_export options (None: the float32 export itself)
 SCHEMES = {"float32": None, "int8": {"weights": "int8"}, "int4": {"weights": "int4"},
-           "int4-fp32": {"weights": "int4", "accuracy_level": 0}}
-QUANTIZED_OPS = {"int8": "MatMulInteger", "int4": "MatMulNBits", "int4-fp32": "MatMulNBits"}
-INT4_NEAR_TIE = 2e-2  # relative top-2 margin under which one int8 rounding step of int4's activations may flip
+           "int4-fp32": {"weights": "int4", "accuracy_level": 0}, "int8-dynamic": {"weights": "int8-dynamic"}}
+QUANTIZED_OPS = {"int8": "MatMulNBits", "int4": "MatMulNBits", "int4-fp32": "MatMulNBits",
+                 "int8-dynamic": "MatMulInteger"}
+# Relative top-2 margin under which one int8 rounding step of MatMulNBits' activations may flip a token.
+INT8_ACTIVATIONS_NEAR_TIE = 2e-2
 
 
 @pytest.fixture(scope="module")
@@ -100,23 +104,40 @@ def _waves(engine, jobs, waves):
     return [r.result(timeout=120) for r in submitted]
 
 
-@pytest.mark.parametrize("scheme", ["int4-fp32", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4-fp32", "int4"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_int4_requests_in_flight_get_their_solo_tokens(quantized, shape, scheme):
+def test_nbits_requests_in_flight_get_their_solo_tokens(quantized, shape, scheme):
     export = quantized(shape, scheme)
-    seeded = scheme == "int4-fp32"  # see the module's docstring
+    seeded = scheme == "int4-fp32"  # float32 compute; the others round activations (the module's docstring)
     jobs = _jobs(shape, 12, seed=7, seeded=seeded)
     engine = ServingEngine(export, max_batch=4, prefill_chunk=6)
     try:
         results = _waves(engine, jobs, 3)
     finally:
         engine.shutdown()
-    _check_against_solo(skipdeploy.load(export), jobs, results, **({} if seeded else {"near_tie": INT4_NEAR_TIE}))
+    _check_against_solo(skipdeploy.load(export), jobs, results,
+                        **({} if seeded else {"near_tie": INT8_ACTIVATIONS_NEAR_TIE}))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_int8_requests_running_alone_get_their_solo_tokens(quantized, shape):
-    export = quantized(shape, "int8")
+def test_nbits_rows_do_not_depend_on_their_batch_and_dynamic_ones_do(quantized, shape):
+    """MatMulNBits rounds activations per row: a prompt's logits alone and batched with others are
+    bit-equal; int8-dynamic's one scale per call moves them."""
+    bos = 1 if shape == "tiny-llama" else 2
+    rng = np.random.default_rng(0)
+    prompts = [[bos, *rng.integers(4, 200, 11).tolist()] for _ in range(4)]
+    moved = {}
+    for scheme in ("int8", "int4", "int8-dynamic"):
+        runtime = skipdeploy.load(quantized(shape, scheme), threads=1)
+        alone = runtime.generate(prompts[:1], 3, eos_token_id=None, output_logits=True).logits
+        batched = runtime.generate(prompts, 3, eos_token_id=None, output_logits=True).logits
+        moved[scheme] = max(float(np.abs(a[0] - b[0]).max()) for a, b in zip(alone, batched))
+    assert moved["int8"] == moved["int4"] == 0.0 and moved["int8-dynamic"] > 1e-3, moved
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int8_dynamic_requests_running_alone_get_their_solo_tokens(quantized, shape):
+    export = quantized(shape, "int8-dynamic")
     jobs = _jobs(shape, 6, seed=8)
     engine = ServingEngine(export, max_batch=1)
     try:

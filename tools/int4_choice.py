@@ -1,19 +1,20 @@
-"""Choose the int4 block size and accuracy_level by measurement (DESIGN.md, quantization).
+"""Choose the int4 and int8 block size and accuracy_level by measurement (DESIGN.md, quantization).
 
-For each block size (32/64/128) and ``accuracy_level`` (0: float activations; 4: int8
-activations inside MatMulNBits), symmetric unless ``--asymmetric`` adds those rows too, this
-quantizes a float32 export and measures:
+For each weight width (``--bits``: 4 and 8, MatMulNBits), block size (32/64/128) and
+``accuracy_level`` (0: float activations; 4: int8 activations inside MatMulNBits), symmetric
+unless ``--asymmetric`` adds those rows too, this quantizes a float32 export and measures:
 - the per-graph error against float32 (what the manifest records: max over outputs, relative to
   max(1, |reference|), on random inputs): the worst layer and the head;
 - greedy agreement with float32, teacher-forced: at each of ``--agree-tokens`` steps, whether the
   quantized export's token is float32's argmax after the same prefix (the quantized export's own);
 - decode time per token at batch 1 and 8 (``Runtime.stream``, ``--threads`` threads, prefill
   excluded), median over rounds; every contender runs once per round, so drift hits all alike.
-float32 and int8 exports are measured alongside as references. Make the export first:
+float32 and int8-dynamic exports are measured alongside as references. Make the export first:
 
     python tools/make_random_checkpoint.py --shape opt-125m --out /tmp/opt125-ckpt
     skipdeploy export /tmp/opt125-ckpt --out /tmp/opt125-sd --no-check
     nice python tools/int4_choice.py /tmp/opt125-sd
+    nice python tools/int4_choice.py /tmp/opt125-sd --bits 8 --block-sizes 32,128 --rounds 2
 """
 
 from __future__ import annotations
@@ -55,9 +56,10 @@ def ms_per_token(rt, prompts, new_tokens: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("export", type=Path, help="a float32 export")
+    parser.add_argument("--bits", default="4", help="MatMulNBits weight widths to measure: 4, 8 or 4,8")
     parser.add_argument("--block-sizes", default="32,64,128")
     parser.add_argument("--accuracy-levels", default="0,4")
-    parser.add_argument("--asymmetric", action="store_true", help="also measure asymmetric int4 (zero points)")
+    parser.add_argument("--asymmetric", action="store_true", help="also measure asymmetric weights (zero points)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -72,16 +74,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="int4-choice-") as tmp:
         root = Path(tmp)
         rows.append(("float32", None, source, 0.0))
-        m, took = quantized(args.export, root, "int8", weights="int8")
-        rows.append(("int8 per channel", m, skipdeploy.load(m.directory, threads=args.threads), took))
-        for sym in [True, False] if args.asymmetric else [True]:
-            for bs in map(int, args.block_sizes.split(",")):
-                for level in map(int, args.accuracy_levels.split(",")):
-                    m, took = quantized(args.export, root, f"int4-{bs}-{level}-{sym}", weights="int4", block_size=bs,
-                                        accuracy_level=level, symmetric=sym)
-                    label = f"int4 bs {bs} acc {level}{'' if sym else ' asym'}"
-                    rows.append((label, m, skipdeploy.load(m.directory, threads=args.threads), took))
-                    print(f"quantized {label} in {took:.0f} s", file=sys.stderr, flush=True)
+        m, took = quantized(args.export, root, "int8-dynamic", weights="int8-dynamic")
+        rows.append(("int8-dynamic", m, skipdeploy.load(m.directory, threads=args.threads), took))
+        for bits in map(int, args.bits.split(",")):
+            for sym in [True, False] if args.asymmetric else [True]:
+                for bs in map(int, args.block_sizes.split(",")):
+                    for level in map(int, args.accuracy_levels.split(",")):
+                        m, took = quantized(args.export, root, f"int{bits}-{bs}-{level}-{sym}", weights=f"int{bits}",
+                                            block_size=bs, accuracy_level=level, symmetric=sym)
+                        label = f"int{bits} bs {bs} acc {level}{'' if sym else ' asym'}"
+                        rows.append((label, m, skipdeploy.load(m.directory, threads=args.threads), took))
+                        print(f"quantized {label} in {took:.0f} s", file=sys.stderr, flush=True)
         agree = {label: agreement(rt, source, prompts[8], args.agree_tokens) if m and args.agree_tokens else None
                  for label, m, rt, _ in rows}
         times = {(label, b): [] for label, *_ in rows for b in (1, 8)}
@@ -93,16 +96,16 @@ def main() -> None:
             print("round done", file=sys.stderr, flush=True)
 
     header = (f"{'weights':<22} {'layer err':>9} {'head err':>9} {'agree':>7} {'MB':>6} "
-              f"{'ms/tok b1':>9} {'ms/tok b8':>9} {'x int8 b1':>9} {'x int8 b8':>9}")
+              f"{'ms/tok b1':>9} {'ms/tok b8':>9} {'x dyn b1':>9} {'x dyn b8':>9}")
     print(header)
-    int8 = {b: statistics.median(times[("int8 per channel", b)]) for b in (1, 8)}
+    int8 = {b: statistics.median(times[("int8-dynamic", b)]) for b in (1, 8)}
     for label, m, _rt, _t in rows:
         q = (m.quantization if m else None) or {}
         errors = q.get("max_error_vs_float", {})
         head = m.graphs["head"]["file"] if m else None
         layer_err = max((e for g, e in errors.items() if g != head), default=0.0)
         head_err = errors.get(head, 0.0)
-        size = sum((q.get("weight_bytes") or {}).get(k, 0) for k in ("int8", "int4")) or \
+        size = sum((q.get("weight_bytes") or {}).get(k, 0) for k in ("int8", "int4", "int8-dynamic")) or \
             (rows[1][1].quantization["weight_bytes"]["float32"])
         a = agree[label]
         b1, b8 = (statistics.median(times[(label, b)]) for b in (1, 8))
@@ -110,7 +113,8 @@ def main() -> None:
               f"{b1:>9.2f} {b8:>9.2f} {int8[1] / b1:>9.2f} {int8[8] / b8:>9.2f}")
     print(f"({args.rounds} rounds, {args.new_tokens} new tokens after a {args.prompt_length}-token prompt, "
           f"{args.threads} threads; agree: teacher-forced greedy tokens equal to float32's, batch 8 x "
-          f"{args.agree_tokens} steps; MB: layer and head weights, the head's tied matrix included)")
+          f"{args.agree_tokens} steps; MB: layer and head weights, the head's tied matrix included; x dyn: "
+          f"int8-dynamic's time / this one's)")
 
 
 if __name__ == "__main__":

@@ -46,10 +46,10 @@ def run_bench(directory: str | os.PathLike, *, batch_sizes: Sequence[int] = (1, 
     ``work_dir`` (default: under ``~/.cache/skipdeploy/peers``), each run in a worker process
     (``peer_workers``). One that cannot run is skipped with a line to ``log``.
 
-    ``quantize``: weight schemes (``int8``, ``int4``) whose exports of this one are measured too,
-    full and with every target schedule, with their token agreement against float32 full; each is
-    reused from (or written to) ``quantized_dir/SCHEME`` (``int8_export``: the int8 one's own
-    directory), else made in a temporary directory."""
+    ``quantize``: weight schemes (``int8``, ``int4``, ``int8-dynamic``) whose exports of this one are
+    measured too, full and with every target schedule, with their token agreement against float32
+    full; each is reused from (or written to) ``quantized_dir/SCHEME`` (``int8_export``: the int8
+    one's own directory), else made in a temporary directory."""
     from ..runtime import load
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -61,7 +61,7 @@ def run_bench(directory: str | os.PathLike, *, batch_sizes: Sequence[int] = (1, 
         if value < low:
             raise InputError(f"{name} must be >= {low} (got {value})")
     schemes = [quantize] if isinstance(quantize, str) else list(quantize or ())
-    from ..exporter.quantize import SCHEMES
+    from ..exporter.quantize import SCHEMES, scheme_of
 
     bad = [q for q in schemes if q not in SCHEMES]
     if bad or len(set(schemes)) != len(schemes):
@@ -76,7 +76,7 @@ def run_bench(directory: str | os.PathLike, *, batch_sizes: Sequence[int] = (1, 
     manifest, spec = runtime.manifest, runtime.spec
     if manifest.raw.get("quantization"):
         raise InputError(f"{directory} is a quantized export; bench the float32 export and add --quantize "
-                         f"{manifest.quantization.get('weights', 'int8')}")
+                         f"{scheme_of(manifest.quantization)}")
     L = spec.num_layers
     decay = decay_tokens or max(1, new_tokens - 1)  # the decode steps measured: the target is met over them
     schedules: list[tuple[str, LayerSchedule, float | None]] = [("full", Schedule.full(L), None)]
@@ -167,14 +167,14 @@ def quantized_export_of(manifest: Manifest, scheme: str, target: str | os.PathLi
                         log: Callable[[str], None]) -> tuple[Path, Path | None]:
     """A ``scheme`` export of ``manifest``: ``target`` if it already holds one made from it, else a
     new one there (kept) or in a temporary directory (returned second: remove it after the run)."""
+    from ..exporter.quantize import is_quantized_from, scheme_of
     from ..manifest import MANIFEST, read_manifest
 
     if target is not None and (Path(target) / MANIFEST).is_file():
         made = read_manifest(target, verify=False)
-        if (made.quantization or {}).get("weights") != scheme:
-            raise InputError(f"{target} is not an {scheme} export; pass another directory")
-        from ..exporter.quantize import is_quantized_from
-
+        if scheme_of(made.quantization) != scheme:  # an int8 export from before issue 18 is int8-dynamic
+            raise InputError(f"{target} is not an {scheme} export ({scheme_of(made.quantization) or 'float'} "
+                             "weights); pass another directory")
         if not is_quantized_from(made, manifest):
             raise InputError(f"{target} was quantized from another export than {manifest.directory} (or an "
                              "earlier version of it); remove it or pass another directory")

@@ -38,11 +38,11 @@ PEER_NAMES = tuple(PEERS)
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for onnxruntime and for PyTorch "
               "[default: all cores].")
 @click.option("--quantize", "--weights", "quantize", metavar="SCHEME[,SCHEME]",
-              help="Also measure the export with these weights (int8, int4; e.g. int8,int4): the full schedule "
-                   "and every --target-speedup, and their token agreement with float32 full; made in a temporary "
-                   "directory unless --quantized-dir names one.")
+              help="Also measure the export with these weights (int8, int4, int8-dynamic; e.g. int8,int4): the full "
+                   "schedule and every --target-speedup, and their token agreement with float32 full; made in a "
+                   "temporary directory unless --quantized-dir names one.")
 @click.option("--quantized-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
-              help="Where the quantized exports are (reused: DIR/int8, DIR/int4) or are written (kept).")
+              help="Where the quantized exports are (reused: DIR/int8, DIR/int4, ...) or are written (kept).")
 @click.option("--int8-export", type=click.Path(path_type=Path), hidden=True,
               help="The int8 export's own directory (reused or written; kept).")
 @click.option("--checkpoint", "--model", "checkpoint", metavar="CKPT",

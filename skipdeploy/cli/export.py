@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import ExportError
+from ..exporter.quantize import SCHEMES
 from .options import AliasedOption, format_size, pop_schedule_options, schedule_from, schedule_options
 
 
@@ -25,8 +26,8 @@ from .options import AliasedOption, format_size, pop_schedule_options, schedule_
 @click.option("--tensorrt", is_flag=True, help="Also build TensorRT engines for this GPU into the export's engines/ "
               "(needs TensorRT and a GPU; see build-engines).")
 @click.option("--weights", "quantize", cls=AliasedOption, hidden_aliases=("--quantize",),
-              type=click.Choice(["int8", "int4"]), help="Write int8- or int4-weight graphs for CPU decoding instead of float ones (as the quantize "
-                   "command).")
+              type=click.Choice(SCHEMES), help="Write int8-, int4- or int8-dynamic-weight graphs for CPU decoding "
+                   "instead of float ones (as the quantize command).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (only once the new export is complete).")
 @click.option("--no-check", is_flag=True, help="Skip the per-graph check against PyTorch.")
 def command(model: str, out: Path, dtype: str, opset: int, max_length: int | None, max_batch: int,

@@ -62,17 +62,19 @@ def _describe_quantization(q: dict) -> str:
     errors = q.get("max_error_vs_float") or {}
     worst = f"; max error vs float32 {max(errors.values()):.1e}" if errors else ""
     source = f"; from {q['source']}" if q.get("source") else ""
-    if "block_size" in q:  # int4
+    if "block_size" in q:  # MatMulNBits: int4, int8
         how = (f"blocks of {q['block_size']}, {'symmetric' if q.get('symmetric', True) else 'with zero points'}, "
                f"accuracy_level {q.get('accuracy_level', 0)}")
-    else:
-        how = "per channel" if q.get("per_channel") else "per tensor"
-    return f"{q.get('weights')} in {len(q.get('graphs', []))} graphs ({how}){worst}{source}"
+    else:  # int8-dynamic (recorded as "int8" before issue 18)
+        how = f"{'per channel' if q.get('per_channel') else 'per tensor'}, activations per call"
+    from ..exporter.quantize import scheme_of
+
+    return f"{scheme_of(q)} in {len(q.get('graphs', []))} graphs ({how}){worst}{source}"
 
 
 def _quantized_bytes(m) -> str:
     """The quantized graphs' bytes (weights and all), next to the float32 bytes they replaced
-    (recorded since int4; older int8 manifests give the quantized side only)."""
+    (recorded since int4; older int8, now int8-dynamic, manifests give the quantized side only)."""
     q = m.quantization
     now = sum(m.files[g]["size"] for g in q.get("graphs", []) if g in m.files)
     before = (q.get("weight_bytes") or {}).get("float32")

@@ -17,8 +17,8 @@ from .options import json_option, max_new_tokens_option
 @click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime",
               show_default=True, help="Backend to verify (tensorrt: each engine against onnxruntime, then decoding).")
 @click.option("--reference", type=click.Path(path_type=Path),
-              help="For an int8 or int4 export: the float32 export it was quantized from [default: the one its "
-                   "manifest names].")
+              help="For a quantized (int8, int4, int8-dynamic) export: the float32 export it was quantized "
+                   "from [default: the one its manifest names].")
 @max_new_tokens_option(16, help="Tokens generated per prompt by the decoding checks.")
 @json_option("the report")
 def command(directory: Path, model: Path | None, backend: str, reference: Path | None, max_new_tokens: int,
@@ -28,7 +28,8 @@ def command(directory: Path, model: Path | None, backend: str, reference: Path |
     Per graph: max error of hidden states and cached keys/values on random inputs, relative to
     max(1, |reference|). Per schedule (full and the export's default, or a 2x skip when the
     default is full): logits error and greedy token agreement over a batch of three prompts.
-    An int8 or int4 export is compared with its float32 source, with that precision's tolerances.
+    A quantized export (int8, int4, int8-dynamic) is compared with its float32 source, with its
+    scheme's tolerances.
     """
     from ..verify import verify
 

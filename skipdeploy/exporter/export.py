@@ -43,7 +43,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fl
     function of the number of layers, which is known only once the checkpoint is read, or of the
     number of layers and the checkpoint's fine-tuned schedule (None when it has none), so that
     options giving part of a schedule can modify that one.
-    ``quantize="int8"`` or ``"int4"`` writes that quantized export (``quantize_export``) of the
+    ``quantize="int8"``, ``"int4"`` or ``"int8-dynamic"`` writes that quantized export (``quantize_export``) of the
     float32 graphs to ``out`` instead of the float32 export itself. A second export to the same ``out`` while
     this one writes it is refused (ExportError); see ``staging``.
     """

@@ -7,35 +7,45 @@ stay float32; the embedding graph (and ``embeddings.bin``) is copied unchanged. 
 ``"dtype": "float32"`` (activations and KV cache) and says what was quantized in its
 ``"quantization"`` entry; backends that read float weights (the torch reference) refuse it.
 
-int8 (``weights="int8"``): onnxruntime's dynamic quantization replaces each weight MatMul by
-``DynamicQuantizeLinear`` (the activations, per call) + ``MatMulInteger`` (standard ONNX ops;
-onnxruntime fuses them into ``DynamicQuantizeMatMul`` and runs u8 x s8 kernels, VNNI where the
-CPU has it). Weights are quantized per output channel, symmetric.
+Three schemes (``SCHEMES``):
+- ``int8`` and ``int4``: weight-only, onnxruntime's ``MatMulNBits`` (``nbits.py`` writes it; the
+  format below): weights in blocks along K, each with its own scale, 8 or 4 bits; with
+  ``accuracy_level`` 4 the kernel rounds activations to int8 per row and block, so a row's
+  numbers never depend on the other rows of its call.
+- ``int8-dynamic`` (what ``int8`` meant before issue 18): onnxruntime's dynamic quantization
+  replaces each weight MatMul by ``DynamicQuantizeLinear`` (the activations, one scale per call
+  over all its rows) + ``MatMulInteger`` (standard ONNX ops; onnxruntime fuses them into
+  ``DynamicQuantizeMatMul``, u8 x s8 kernels, VNNI where the CPU has it). Weights per output
+  channel (or per tensor), symmetric. A little faster than ``int8``, much less accurate (its
+  single activation scale), and a row's tokens depend on what shares its batch.
 
-int4 (``weights="int4"``; ``int4.py`` writes it), the graph format exactly:
+The MatMulNBits graph format (``int4``, ``int8``), exactly:
 - every ``Gemm``/``MatMul`` whose B input is a 2-D float32 initializer W (layers: ``qkv.weight``,
   ``out_proj.weight``, the MLP matrices (``fc1.weight``/``fc2.weight``, Llama's gate/up/down);
   head: ``lm_head.weight``; the family's ``LAYER_WEIGHTS``/``HEAD_WEIGHTS``: another constant
-  matrix, such as Llama's ``rope.rotate_half``, stays a float ``MatMul``, also in int8) becomes
-  ONE node ``MatMulNBits`` (domain ``com.microsoft``; the model
-  imports opset ``com.microsoft`` 1), named ``<node>_Q4``, writing the original node's output;
+  matrix, such as Llama's ``rope.rotate_half``, stays a float ``MatMul``, in every scheme)
+  becomes ONE node ``MatMulNBits`` (domain ``com.microsoft``; the model imports opset
+  ``com.microsoft`` 1), named ``<node>_Q4`` (int4) or ``<node>_Q8`` (int8), writing the original
+  node's output;
 - its logical weight is [K, N] = W as the graph multiplies by it: the layers' Gemm B as stored
   ([in, out]); the head's ``lm_head.weight`` [V, E] (Gemm ``transB=1``) transposed, K=E, N=V;
 - inputs: ``A``, ``<W>_Q4`` (uint8 [N, ceil(K/bs), bs/2]: 4-bit values, two per byte, low nibble
-  first, blocks of ``bs`` along K, K zero-padded to whole blocks), ``<W>_scales`` (float32
-  [N, ceil(K/bs)]), then zero points: omitted when symmetric (the default: value = (q - 8) x
-  scale), else ``<W>_zero_points`` (uint8 [N, ceil(ceil(K/bs)/2)], two per byte); input 4
-  (g_idx) empty; input 5 the Gemm's bias initializer under its own name (``qkv.bias``, ...), [N],
-  unchanged float32, when the Gemm has one (a bias of another shape becomes an ``Add`` after the
-  node);
-- attributes ``K``, ``N``, ``bits`` = 4, ``block_size`` and ``accuracy_level`` (left out when 0;
-  4 = int8 activations inside the kernel) as recorded in the manifest's ``"quantization"`` entry;
+  first) or ``<W>_Q8`` (uint8 [N, ceil(K/bs), bs]: one value per byte), blocks of ``bs`` along K,
+  K zero-padded to whole blocks; ``<W>_scales`` (float32 [N, ceil(K/bs)]), then zero points:
+  omitted when symmetric (the default: value = (q - 8) x scale for int4, (q - 128) x scale for
+  int8), else ``<W>_zero_points`` (uint8 [N, ceil(ceil(K/bs)/2)], two per byte, for int4;
+  [N, ceil(K/bs)] for int8); input 4 (g_idx) empty; input 5 the Gemm's bias initializer under its
+  own name (``qkv.bias``, ...), [N], unchanged float32, when the Gemm has one (a bias of another
+  shape becomes an ``Add`` after the node);
+- attributes ``K``, ``N``, ``bits`` (4 or 8), ``block_size`` and ``accuracy_level`` (left out
+  when 0; 4 = int8 activations inside the kernel) as recorded in the manifest's
+  ``"quantization"`` entry (``bits``, ``block_size``, ``accuracy_level``, ``symmetric``);
 - the float W initializers are gone from the graph; the head holds its own quantized copy, so
   its manifest entry lists no ``"data"`` (``embed.onnx`` still reads ``embeddings.bin``).
-``int4.dequantize_int4`` turns the three tensors back into W [K, N].
+``nbits.dequantize`` turns the three tensors back into W [K, N].
 
-Weight bytes read per token drop about 4x (int8) or 6-7x (int4, with its scales), which is what
-bounds decoding at batch 1. The price is accuracy: the manifest records the error of every
+Weight bytes read per token drop about 3.5-4x (int8, int8-dynamic) or 6-7x (int4, with its
+scales), which is what bounds decoding at batch 1. The price is accuracy: the manifest records the error of every
 quantized graph against its float32 original on random inputs, and ``skipdeploy bench
 --quantize int8`` reports token agreement with float32.
 """
@@ -58,24 +68,28 @@ from ..errors import ExportError
 from ..families import for_model_type
 from ..manifest import MANIFEST, Manifest, describe_file, read_manifest, write_manifest
 from ..numerics import relative_error
-from .int4 import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, check_int4_options, quantize_graph_int4
+from .nbits import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, check_options, quantize_graph
 from .staging import move_into_place, staging_directory
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "int8-dynamic")
+BITS = {"int8": 8, "int4": 4}  # the MatMulNBits schemes
 METHODS = {
-    "int8": "onnxruntime dynamic quantization (DynamicQuantizeLinear + MatMulInteger), weights int8 per channel",
+    "int8": "onnxruntime MatMulNBits (com.microsoft), weights int8 in blocks along K, round to nearest",
     "int4": "onnxruntime MatMulNBits (com.microsoft), weights int4 in blocks along K, round to nearest",
+    "int8-dynamic": "onnxruntime dynamic quantization (DynamicQuantizeLinear + MatMulInteger), weights int8 per "
+                    "channel",
 }
-METHOD = METHODS["int8"]  # the name this module exported before int4
+METHOD = METHODS["int8-dynamic"]  # the name this module exported before int4: the dynamic method
 
 
 def quantize_export(source: str | os.PathLike, out: str | os.PathLike, *, weights: str = "int8",
                     per_channel: bool = True, block_size: int | None = None, accuracy_level: int | None = None,
                     symmetric: bool | None = None, force: bool = False, progress: bool | None = None,
                     log: Callable[[str], None] | None = None, record_source: bool = True) -> Manifest:
-    """Write a copy of the float32 export ``source`` with ``weights`` ("int8" or "int4") layer
-    and head matrices to ``out`` (atomically) and return its manifest. int4 only: ``block_size``,
-    ``accuracy_level`` (defaults chosen by tools/int4_choice.py) and ``symmetric`` (default True).
+    """Write a copy of the float32 export ``source`` with ``weights`` (one of ``SCHEMES``) layer
+    and head matrices to ``out`` (atomically) and return its manifest. int8 and int4:
+    ``block_size``, ``accuracy_level`` (defaults chosen by tools/int4_choice.py) and
+    ``symmetric`` (default True); int8-dynamic: ``per_channel`` (False: one scale per matrix).
     ``record_source=False`` when ``source`` is transient (``export --weights``): the manifest
     then names no float32 export to verify against. A second export to the same ``out`` while
     this one writes it is refused (ExportError); see ``staging``."""
@@ -83,7 +97,7 @@ def quantize_export(source: str | os.PathLike, out: str | os.PathLike, *, weight
     options = _check_options(weights, per_channel, block_size, accuracy_level, symmetric)
     try:
         import onnx  # noqa: F401  (both schemes rewrite graphs with it)
-        if weights == "int8":
+        if weights == "int8-dynamic":
             from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as exc:  # onnxruntime.quantization needs the onnx package
         raise ExportError(f"quantizing needs onnx ({exc}); pip install 'skipdeploy[export]'") from None
@@ -112,9 +126,9 @@ def quantize_export(source: str | os.PathLike, out: str | os.PathLike, *, weight
         for name in bar:
             bar.set_postfix_str(name)
             names = family.HEAD_WEIGHTS if name == graphs["head"]["file"] else family.LAYER_WEIGHTS
-            if weights == "int4":
-                quantize_graph_int4(src.directory / name, tmp / name, options["block_size"],
-                                    options["accuracy_level"], options["symmetric"], names)
+            if weights in BITS:
+                quantize_graph(src.directory / name, tmp / name, options["bits"], options["block_size"],
+                               options["accuracy_level"], options["symmetric"], names)
             else:
                 with _quiet_root_logger():  # it suggests pre-processing for every graph
                     quantize_dynamic(src.directory / name, tmp / name, weight_type=QuantType.QInt8,
@@ -159,22 +173,33 @@ def quantize_export(source: str | os.PathLike, out: str | os.PathLike, *, weight
 
 def _check_options(weights: str, per_channel: bool, block_size: int | None, accuracy_level: int | None,
                    symmetric: bool | None) -> dict:
-    """The scheme's options as the manifest records them; the other scheme's refused."""
+    """The scheme's options as the manifest records them; the other schemes' refused."""
     if weights not in SCHEMES:
         raise ExportError(f"weights must be one of {', '.join(SCHEMES)} (got {weights!r})")
-    if weights == "int8":
+    if weights == "int8-dynamic":
         given = [n for n, v in (("block_size", block_size), ("accuracy_level", accuracy_level),
                                 ("symmetric", symmetric)) if v is not None]
         if given:
-            raise ExportError(f"{', '.join(given)} are int4 options; int8 weights take per_channel only")
+            raise ExportError(f"{', '.join(given)} are int8/int4 options; int8-dynamic weights take per_channel only")
         return {"per_channel": per_channel}
     if not per_channel:
-        raise ExportError("per-tensor scales are an int8 option; int4 weights have one scale per block")
-    options = {"block_size": DEFAULT_BLOCK_SIZE if block_size is None else block_size,
+        raise ExportError(f"per-tensor scales are an int8-dynamic option; {weights} weights have one scale per block")
+    options = {"bits": BITS[weights], "block_size": DEFAULT_BLOCK_SIZE if block_size is None else block_size,
                "accuracy_level": DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level,
                "symmetric": True if symmetric is None else bool(symmetric)}
-    check_int4_options(options["block_size"], options["accuracy_level"])
+    check_options(options["bits"], options["block_size"], options["accuracy_level"])
     return options
+
+
+def scheme_of(quantization: dict | None) -> str | None:
+    """The scheme of a manifest's ``"quantization"`` entry; an ``"int8"`` entry written before
+    issue 18 (no ``bits``, ``per_channel`` recorded) is the dynamic scheme it was then."""
+    if not quantization:
+        return None
+    weights = quantization.get("weights")
+    if weights == "int8" and "bits" not in quantization and "block_size" not in quantization:
+        return "int8-dynamic"
+    return weights
 
 
 def _constant_matrices_besides(path: Path, names: tuple[str, ...]) -> list[str]:
@@ -237,4 +262,4 @@ def _graph_error(manifest: Manifest, name: str, reference: Path, quantized: Path
     return max(relative_error(g, w) for g, w in zip(got, want))
 
 
-__all__ = ["quantize_export", "is_quantized_from", "SCHEMES", "METHODS"]
+__all__ = ["quantize_export", "is_quantized_from", "scheme_of", "SCHEMES", "METHODS"]

@@ -49,11 +49,14 @@ def _causal(n: int, dtype, device) -> torch.Tensor:
     return mask[None, None]
 
 
-def schedule_forward(model, input_ids: torch.Tensor, context_length: int, schedule: LayerSchedule) -> torch.Tensor:
-    """Logits ``[B, S, V]`` of a transformers causal LM of a supported family with the schedule
-    applied per position.
+def schedule_forward(model, input_ids: torch.Tensor, context_length: int, schedule: LayerSchedule, *,
+                     first: int = 0) -> torch.Tensor:
+    """Logits ``[B, S - first, V]`` (positions ``first`` and later) of a transformers causal LM of
+    a supported family with the schedule applied per position.
 
-    ``input_ids`` ``[B, S]`` are unpadded; positions ``< context_length`` are the prompt.
+    ``input_ids`` ``[B, S]`` are unpadded; positions ``< context_length`` are the prompt. A loss
+    over the generated positions only passes ``first = context_length - 1``: the head (a vocabulary
+    of 49k for SmolLM2) then runs on those positions alone.
     """
     family = for_config(model.config, type(model).__name__)
     layers = family.hf_layers(model)
@@ -71,4 +74,6 @@ def schedule_forward(model, input_ids: torch.Tensor, context_length: int, schedu
         mask = None if sdpa else _causal(n, hidden.dtype, hidden.device)
         ran = family.hf_layer(model, index, hidden[:, :n], mask, positions[:, :n])
         hidden = ran if n == S else torch.cat([ran, hidden[:, n:]], dim=1)
-    return family.hf_head(model, hidden)
+    if not 0 <= first < S:
+        raise ScheduleError(f"first must be in [0, {S}) (got {first})")
+    return family.hf_head(model, hidden[:, first:])

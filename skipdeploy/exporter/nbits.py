@@ -1,11 +1,11 @@
-"""int4 weights: one graph's weight matrices rewritten as onnxruntime ``MatMulNBits`` nodes.
+"""Weight-only int4 and int8: one graph's weight matrices rewritten as onnxruntime ``MatMulNBits`` nodes.
 
 The graph format this writes is specified in ``quantize``'s module docstring (one place, for
-every reader of int4 graphs). Packing uses onnxruntime's own block quantizer kernel
-(``quantize_matmul_4bits``, what ``matmul_nbits_quantizer.MatMulNBitsQuantizer`` calls): that
-quantizer itself rewrites only ``MatMul`` nodes (the exported projections are ``Gemm`` with a
-fused bias, the head a ``Gemm`` with ``transB=1``) and imports ``onnx_ir``, which the export
-extra does not install.
+every reader of these graphs). Packing uses onnxruntime's own block quantizer kernels
+(``quantize_matmul_4bits``/``quantize_matmul_8bits``, what
+``matmul_nbits_quantizer.MatMulNBitsQuantizer`` calls): that quantizer itself rewrites only
+``MatMul`` nodes (the exported projections are ``Gemm`` with a fused bias, the head a ``Gemm``
+with ``transB=1``) and imports ``onnx_ir``, which the export extra does not install.
 """
 
 from __future__ import annotations
@@ -16,62 +16,73 @@ import numpy as np
 
 from ..errors import ExportError
 
-# Chosen by tools/int4_choice.py (DESIGN.md section 9, "int4"): see the table there.
+# Chosen by tools/int4_choice.py (DESIGN.md section 9, its "int4" and "int8" entries) for both widths.
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4
+BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 MS_DOMAIN = "com.microsoft"
-# MatMulNBits has its bias input (input 5) since onnxruntime 1.19 (microsoft/onnxruntime#20587).
-MIN_ONNXRUNTIME = (1, 19)
+# MatMulNBits has its bias input (input 5) since onnxruntime 1.19 (microsoft/onnxruntime#20587);
+# 8-bit weights (the packing kernel and the CPU kernels) since 1.22 (#24384, #24491).
+MIN_ONNXRUNTIME = {4: (1, 19), 8: (1, 22)}
 
 
-def check_int4_options(block_size: int, accuracy_level: int) -> None:
+def check_options(bits: int, block_size: int, accuracy_level: int) -> None:
+    if bits not in BITS:
+        raise ExportError(f"MatMulNBits weights are 4 or 8 bits here (got {bits!r})")
     if block_size not in BLOCK_SIZES:
-        raise ExportError(f"int4 block size must be one of {', '.join(map(str, BLOCK_SIZES))} (got {block_size!r})")
+        raise ExportError(f"int{bits} block size must be one of {', '.join(map(str, BLOCK_SIZES))} "
+                          f"(got {block_size!r})")
     if accuracy_level not in ACCURACY_LEVELS:
         raise ExportError(f"accuracy_level must be 0..4 (got {accuracy_level!r})")
     import onnxruntime
 
     version = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2] if p.isdigit())
-    if version < MIN_ONNXRUNTIME:
-        raise ExportError(f"int4 exports need onnxruntime >= {'.'.join(map(str, MIN_ONNXRUNTIME))} "
-                          f"(MatMulNBits with a bias; this is {onnxruntime.__version__})")
+    if version < MIN_ONNXRUNTIME[bits]:
+        raise ExportError(f"int{bits} exports need onnxruntime >= {'.'.join(map(str, MIN_ONNXRUNTIME[bits]))} "
+                          f"(MatMulNBits with {bits}-bit weights and a bias; this is {onnxruntime.__version__})")
 
 
-def pack_int4(weight: np.ndarray, block_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``weight`` [K, N] float32 -> (packed uint8 [N, K/bs, bs/2], scales float32 [N, K/bs],
-    zero points uint8 [N, ceil(K/bs/2)]; all 8 (unused) when ``symmetric``); K is padded with
-    zeros up to a whole block."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+def pack(weight: np.ndarray, bits: int, block_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``weight`` [K, N] float32 -> (packed uint8 [N, K/bs, bs*bits/8], scales float32 [N, K/bs],
+    zero points uint8 [N, ceil(K/bs*bits/8)]; unused when ``symmetric``); K is padded with zeros
+    up to a whole block."""
+    from onnxruntime.capi import _pybind_state
 
+    kernel = getattr(_pybind_state, f"quantize_matmul_{bits}bits")
     rows, cols = weight.shape
     blocks = -(-rows // block_size)
     padded = np.zeros((blocks * block_size, cols), np.float32)
     padded[:rows] = weight
-    packed = np.zeros((cols, blocks, block_size // 2), np.uint8)
+    packed = np.zeros((cols, blocks, block_size * bits // 8), np.uint8)
     scales = np.zeros((cols, blocks), np.float32)
-    zero_points = np.zeros((cols, -(-blocks // 2)), np.uint8)
-    quantize_matmul_4bits(packed, padded, scales, zero_points, block_size, cols, rows, symmetric)
+    zero_points = np.zeros((cols, -(-blocks * bits // 8)), np.uint8)
+    kernel(packed, padded, scales, zero_points, block_size, cols, rows, symmetric)
     return packed, scales, zero_points
 
 
-def dequantize_int4(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, K: int) -> np.ndarray:
+def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, K: int,
+               bits: int) -> np.ndarray:
     """The [K, N] float matrix a ``MatMulNBits`` node multiplies by (for checks and tests)."""
-    N, blocks, half = packed.shape
-    q = np.empty((N, blocks, 2 * half), np.float32)
-    q[..., 0::2], q[..., 1::2] = packed & 0x0F, packed >> 4
-    if zero_points is None:
-        zp = np.full((N, blocks), 8.0, np.float32)
+    N, blocks, _ = packed.shape
+    if bits == 4:
+        q = np.empty((N, blocks, 2 * packed.shape[2]), np.float32)
+        q[..., 0::2], q[..., 1::2] = packed & 0x0F, packed >> 4
     else:
-        both = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(N, -1)
-        zp = both[:, :blocks].astype(np.float32)
+        q = packed.astype(np.float32)
+    if zero_points is None:
+        zp = np.full((N, blocks), 2.0 ** (bits - 1), np.float32)
+    elif bits == 4:
+        zp = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(N, -1)[:, :blocks].astype(np.float32)
+    else:
+        zp = zero_points[:, :blocks].astype(np.float32)
     w = (q - zp[..., None]) * scales[..., None]
     return w.reshape(N, -1)[:, :K].T.copy()
 
 
-def quantize_graph_int4(source: Path, target: Path, block_size: int, accuracy_level: int,
-                        symmetric: bool, names: tuple[str, ...]) -> list[str]:
+def quantize_graph(source: Path, target: Path, bits: int, block_size: int, accuracy_level: int,
+                   symmetric: bool, names: tuple[str, ...]) -> list[str]:
     """Write ``source`` (an exported layer or head graph; external data is read in and the
     result holds all its weights) to ``target`` with every float ``MatMul``/``Gemm`` over a 2-D
     weight named in ``names`` (the family's weights) replaced by ``MatMulNBits``; other constant
@@ -82,6 +93,7 @@ def quantize_graph_int4(source: Path, target: Path, block_size: int, accuracy_le
     model = onnx.load(str(source))  # with external data (the head's tied lm_head.weight)
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
+    tag = f"_Q{bits}"
     nodes, replaced, added, seen = [], [], [], {}
     for node in graph.node:
         rewrite = weight_of(node, inits, names)
@@ -90,13 +102,13 @@ def quantize_graph_int4(source: Path, target: Path, block_size: int, accuracy_le
             continue
         weight_name, trans_b = rewrite
         K, N = inits[weight_name].dims[::-1] if trans_b else inits[weight_name].dims
-        q_name, s_name, z_name = f"{weight_name}_Q4", f"{weight_name}_scales", f"{weight_name}_zero_points"
+        q_name, s_name, z_name = f"{weight_name}{tag}", f"{weight_name}_scales", f"{weight_name}_zero_points"
         if seen.setdefault(weight_name, trans_b) != trans_b:  # one packed copy serves one orientation
             raise ExportError(f"{source.name}: {weight_name} is multiplied both as is and transposed")
         if weight_name not in replaced:
             w = numpy_helper.to_array(inits[weight_name]).astype(np.float32)
             w = np.ascontiguousarray(w.T if trans_b else w)  # the head's Gemm multiplies by lm_head.weight^T
-            packed, scales, zero_points = pack_int4(w, block_size, symmetric)
+            packed, scales, zero_points = pack(w, bits, block_size, symmetric)
             added += [numpy_helper.from_array(packed, q_name), numpy_helper.from_array(scales, s_name)]
             if not symmetric:
                 added.append(numpy_helper.from_array(zero_points, z_name))
@@ -109,13 +121,14 @@ def quantize_graph_int4(source: Path, target: Path, block_size: int, accuracy_le
         elif bias is not None:  # a broadcast or computed bias: added after the product
             extra.append(helper.make_node("Add", [node.output[0] + "_nobias", bias], [node.output[0]],
                                           name=f"{node.name}_bias"))
-        attrs = {"K": K, "N": N, "bits": 4, "block_size": block_size}
+        attrs = {"K": K, "N": N, "bits": bits, "block_size": block_size}
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
         while inputs[-1] == "":  # trailing optional inputs left out, not named empty
             inputs.pop()
         out = node.output[0] + "_nobias" if extra else node.output[0]
-        nodes.append(helper.make_node("MatMulNBits", inputs, [out], name=f"{node.name}_Q4", domain=MS_DOMAIN, **attrs))
+        nodes.append(helper.make_node("MatMulNBits", inputs, [out], name=f"{node.name}{tag}", domain=MS_DOMAIN,
+                                      **attrs))
         nodes.extend(extra)
     if not replaced:
         raise ExportError(f"{source.name} has no weight matrix to quantize (not a layer or head graph?)")
@@ -152,5 +165,5 @@ def weight_of(node, inits, names) -> tuple[str, bool] | None:
     return init.name, trans_b
 
 
-__all__ = ["weight_of", "DEFAULT_ACCURACY_LEVEL", "DEFAULT_BLOCK_SIZE", "check_int4_options", "dequantize_int4", "pack_int4",
-           "quantize_graph_int4"]
+__all__ = ["BITS", "DEFAULT_ACCURACY_LEVEL", "DEFAULT_BLOCK_SIZE", "check_options", "dequantize", "pack",
+           "quantize_graph", "weight_of"]
