@@ -80,7 +80,7 @@ class RequestError(InputError):
 
 
 # -- schedule fields -> a schedule ---------------------------------------------------------------------
-_SHAPE_FIELDS = ("target_speedup", "max_layers", "min_layers", "warmup_layers", "decay_tokens", "prompt_layers")
+_SHAPE_FIELDS = tuple(f.name for f in SCHEDULE_FIELDS if f.name not in ("table", "full"))  # table, full: their own rules
 
 
 def schedule_from_options(options: Mapping[str, Any], num_layers: int, default: LayerSchedule | None,
@@ -242,7 +242,6 @@ class Door:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     text_values: bool = False   # numbers and booleans may come as strings
     ignore_unknown: bool = False
-    other_keys: tuple[str, ...] = ()  # the protocol's own keys, not request parameters
 
     def key(self, name: str) -> str:
         return self.keys.get(name, name)
@@ -333,7 +332,7 @@ def parse(values: Mapping[str, Any] | None, door: Door) -> RequestParams:
     else:
         schedule_values = {k: values.pop(k) for k in list(values) if k in schedule_keys}
     if not door.ignore_unknown:
-        _refuse_unknown(values, [*sampling_keys, *door.other_keys], door.prefix.rstrip(". :") or "the request", None)
+        _refuse_unknown(values, list(sampling_keys), door.prefix.rstrip(". :") or "the request", None)
     if door.schedule_key is not None:  # an object of ours: unknown keys are a mistake, whatever the protocol
         where = door.prefix + door.schedule_key
         _refuse_unknown(schedule_values, list(schedule_keys), where, where)
@@ -369,9 +368,4 @@ def _refuse_unknown(values: Mapping[str, Any], known: list[str], where: str, par
         raise RequestError(param or unknown[0], f"unknown key(s) {', '.join(unknown)} in {where}; known: "
                                                 f"{', '.join(known)}")
 
-
-def describe() -> list[dict]:
-    """The fields as a table (docs, ``--help`` text, tests)."""
-    return [{"name": f.name, "kind": f.kind, "default": f.default, "meaning": f.meaning}
-            for f in SAMPLING_FIELDS + SCHEDULE_FIELDS]
 

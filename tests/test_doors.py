@@ -325,26 +325,25 @@ def test_python_door_keeps_the_rules(runtime, requests, reference):
     assert python_door(runtime, {**G, "temperature": 1.0, "top_p": 0.9, "seed": 2**64 - 1}) == reference[0][2]
 
 
-def test_cli_door(exports, requests, reference):
+def check_door(name, door, ask, requests, reference):
+    """Every token and text request through ``ask(fields, text)`` of one door, against the reference."""
     cases, text_cases, _, _ = requests
-    compare("cli", CLI, cases, [cli_door(exports["tiny"], f) for _, f, _, _ in cases], reference[0])
-    compare("cli", CLI, text_cases, [cli_door(exports["tiny"], f, True) for _, f, _, _ in text_cases], reference[1])
+    compare(name, door, cases, [ask(f, False) for _, f, _, _ in cases], reference[0])
+    compare(name, door, text_cases, [ask(f, True) for _, f, _, _ in text_cases], reference[1])
+
+
+def test_cli_door(exports, requests, reference):
+    check_door("cli", CLI, lambda f, text: cli_door(exports["tiny"], f, text), requests, reference)
 
 
 @pytest.mark.slow
 def test_openai_door(openai_server, requests, reference):
-    cases, text_cases, _, _ = requests
-    compare("openai", OPENAI, cases, [openai_door(openai_server, f) for _, f, _, _ in cases], reference[0])
-    compare("openai", OPENAI, text_cases, [openai_door(openai_server, f, True) for _, f, _, _ in text_cases],
-            reference[1])
+    check_door("openai", OPENAI, lambda f, text: openai_door(openai_server, f, text), requests, reference)
 
 
 @pytest.mark.slow
 def test_triton_door(triton_server, requests, reference):
-    cases, text_cases, _, _ = requests
-    compare("triton", TRITON, cases, [triton_door(triton_server, f) for _, f, _, _ in cases], reference[0])
-    compare("triton", TRITON, text_cases, [triton_door(triton_server, f, True) for _, f, _, _ in text_cases],
-            reference[1])
+    check_door("triton", TRITON, lambda f, text: triton_door(triton_server, f, text), requests, reference)
 
 
 @pytest.mark.slow

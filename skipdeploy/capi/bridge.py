@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 from .. import __version__
 from ..errors import BackendError, InputError, ManifestError
+from ..runtime.core import check_integer, check_memory_limit, check_threads
 from ..runtime.inputs import DEFAULT
 from ..runtime.text import CompletionText
 from ..schedule import LayerSchedule
@@ -57,10 +58,6 @@ def _unknown(given, known, what: str) -> None:
         raise InputError(f"unknown key(s) {', '.join(map(repr, unknown))} in {what}; known: {', '.join(known)}")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def engine_options(text: str | None) -> dict[str, Any]:
     """sd_load's ``options_json`` as ServingEngine keyword arguments (checked)."""
     options = json_object(text, "options_json")
@@ -73,10 +70,12 @@ def engine_options(text: str | None) -> dict[str, Any]:
     backend = options.get("backend", "onnxruntime")
     if backend not in ("onnxruntime", "torch"):
         raise BackendError(f"the C API's in-flight engine runs the onnxruntime or torch backend (got {backend!r})")
-    for name, low in (("threads", 1), ("memory_limit", 1), ("max_batch", 1), ("max_queue", 0), ("max_length", 2),
-                      ("prefill_chunk", 1)):
-        if name in options and (not _is_int(options[name]) or options[name] < low):
-            raise InputError(f"{name} must be an integer >= {low} (got {options[name]!r})")
+    # The engine core's own checks, before anything loads (ServingEngine runs them again).
+    check_threads(options.get("threads"))
+    check_memory_limit(options.get("memory_limit"))
+    for name, low in (("max_batch", 1), ("max_queue", 0), ("max_length", 2), ("prefill_chunk", 1)):
+        if name in options:
+            check_integer(name, options[name], low)
     if "check_files" in options and not isinstance(options["check_files"], bool):
         raise InputError(f"check_files must be true or false (got {options['check_files']!r})")
     return options
