@@ -141,6 +141,98 @@ def test_static_cache_buffers_are_reused_and_stale_slots_masked(runtimes, export
     assert cache.keys[0].data_ptr() == pointers[0] and cache.keys[0].shape[0] == 5
 
 
+def test_static_cache_reused_after_a_nan_request_is_clean(runtimes, exports):
+    """A request that overflowed leaves NaN in the pooled buffers; the static step reads a layer's
+    whole buffer (zero weight beyond the write position, and 0 x NaN is NaN): the next request
+    must not see it."""
+    rt = _runtime(exports, "tiny", TorchEngine, static_cache=True)
+    ref = runtimes["tiny", "onnxruntime"]
+    sched = SCHEDULES[1]
+    _generate(rt, sched, [[2, *range(40, 70)], [2, 9, 8]], 30)
+    for t in _free_pool(rt.engine, 2).keys + _free_pool(rt.engine, 2).values:
+        t.fill_(float("nan"))
+    prompts = [[2, 7], [2, 5, 6, 7]]
+    _assert_same(_generate(rt, sched, prompts, 6), _generate(ref, sched, prompts, 6), 1e-4)
+
+
+def test_ortvalue_masked_slot_is_reset_when_a_buffer_changes_batch(runtimes, exports):
+    """The masked position in front of a cache is read (with zero weight) and never written. A
+    buffer reused for another batch size has it where the last cache kept real positions, and
+    those may hold NaN."""
+    rt = _runtime(exports, "tiny", OrtValueEngine, device="cpu", pad_past=True)
+    ref = runtimes["tiny", "onnxruntime"]
+    sched = SCHEDULES[1]
+    _generate(rt, sched, [[2, *range(40, 70)], [2, 9, 8]], 12)
+    H, D = rt.spec.kv_heads, rt.spec.head_dim
+    keys, values, _ = rt.engine._free._free[-1]
+    for value in keys + values:  # NaN everywhere a batch-2 cache writes: all but its masked position
+        host = value.numpy().copy()
+        host[2 * H * D:] = np.nan
+        value.update_inplace(host)
+    for prompts in ([[2, 7], [2, 5, 6, 7], [2, 11]], [[2, 7], [2, 5, 6, 7]]):  # batch 3, then 2 again
+        _assert_same(_generate(rt, sched, prompts, 6), _generate(ref, sched, prompts, 6), 1e-4)
+
+
+def test_caches_are_allocated_and_released_under_the_engine_lock(exports):
+    """Runtime may be shared between threads: a cache allocation in one thread while another
+    thread's forward captures a CUDA graph would invalidate the capture, and the engine's pool of
+    released caches is shared state. Checked single-threaded: the lock is held exactly when the
+    engine allocates or releases."""
+    rt = _runtime(exports, "tiny", TorchEngine, static_cache=True)
+    held = []
+    allocate, release = rt.engine.allocate, rt.engine.release
+
+    def checked_allocate(*args):
+        held.append(("allocate", rt.engine_lock.locked()))
+        return allocate(*args)
+
+    def checked_release(cache):
+        held.append(("release", rt.engine_lock.locked()))
+        return release(cache)
+
+    rt.engine.allocate, rt.engine.release = checked_allocate, checked_release
+    _generate(rt, SCHEDULES[1], steps=3)
+    assert held == [("allocate", True), ("release", True)]
+
+
+def test_cache_is_sized_by_the_dtype_that_runs(exports):
+    """A float32 export run by torch in float16 needs half the cache bytes: a memory limit
+    between the two admits it there and refuses it on the float32 engine."""
+    manifest = read_manifest(exports["tiny"])
+    L, H, D = manifest.model.num_layers, manifest.model.kv_heads, manifest.model.head_dim
+    capacities, batch = [64] * L, 2
+    fp16_bytes = 2 * sum(capacities) * batch * H * D * 2
+    fp16 = Runtime(manifest, TorchEngine(manifest, dtype="float16", static_cache=True), memory_limit=fp16_bytes)
+    assert fp16.engine.cache_itemsize == 2
+    fp16.release_cache(fp16.allocate_cache(capacities, batch))
+    fp32 = Runtime(manifest, TorchEngine(manifest), memory_limit=fp16_bytes)
+    with pytest.raises(skipdeploy.CapacityError, match="KV cache needs"):
+        fp32.allocate_cache(capacities, batch)
+
+
+@pytest.fixture(scope="module")
+def llama_export(tmp_path_factory):
+    """A tiny Llama (GQA, RoPE): the family whose layers take positions, on the static path."""
+    from skipdeploy.random_checkpoint import make_checkpoint
+
+    root = tmp_path_factory.mktemp("gpu-llama")
+    checkpoint = make_checkpoint(root / "ckpt", "tiny-llama", seed=3, weight_scale=3.0)
+    return skipdeploy.export(checkpoint, root / "export", progress=False, log=lambda m: None).directory
+
+
+LLAMA_PROMPTS = [[1, 45, 67, 89, 101, 7], [1, 300], [1, 11, 12, 13]]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES[:3], ids=lambda s: repr(s.to_dict()))
+def test_static_cache_decode_runs_llama_family(llama_export, schedule):
+    manifest = read_manifest(llama_export)
+    rt = Runtime(manifest, TorchEngine(manifest, static_cache=True))
+    counts = _Counts(rt.engine)
+    want = _generate(Runtime(manifest, OnnxRuntimeEngine(manifest)), schedule, LLAMA_PROMPTS)
+    _assert_same(_generate(rt, schedule, LLAMA_PROMPTS), want, 1e-4)
+    assert counts.layer_sets == _decode_layer_sets(schedule, len(LLAMA_PROMPTS))
+
+
 def test_static_cache_single_token_prompts(runtimes, exports):
     """A one-token prompt makes the prefill itself a fixed-shape step (past 0)."""
     rt = _runtime(exports, "tiny-post-ln", TorchEngine, static_cache=True)
@@ -342,6 +434,20 @@ def test_bad_device_and_backend(exports):
         create_engine("tensorrt", manifest, device="cpu")
     with pytest.raises(BackendError, match="unknown backend 'openvino'"):
         create_engine("openvino", manifest)
+    with pytest.raises(skipdeploy.InputError, match="takes no option 'max_bach'; its options: build, device, max_batch"):
+        create_engine("tensorrt", manifest, device="cuda", max_bach=3)  # a misspelt build option was ignored
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error when CUDA is absent; this machine has a GPU")
+def test_cli_device_names_a_cuda_device_by_index(exports):
+    runner = CliRunner()
+    _one_line_failure(runner.invoke(main, ["generate", str(exports["tiny"]), "--input-ids", "2,3", "--backend", "torch",
+                                           "--device", "cuda:1"]), "cuda:1", "needs an NVIDIA GPU")
+    for bad in ("gpu", "cuda:x", "cpu:0"):
+        result = runner.invoke(main, ["generate", str(exports["tiny"]), "--input-ids", "2,3", "--device", bad])
+        assert result.exit_code == 2 and "is not a device; use cpu, cuda or cuda:N" in result.output, bad
+    result = runner.invoke(main, ["build-engines", str(exports["tiny"]), "--device", "cpu"])
+    assert result.exit_code == 2 and "use cuda or cuda:N" in result.output
 
 
 # -- on a GPU: torch CUDA ------------------------------------------------------------------------------------
@@ -366,6 +472,49 @@ def test_torch_cuda_graphs_match_cpu_reference(runtimes, exports, variant, sched
     assert counts.captures == len(rt.engine.graph_keys())
     assert again.tokens == got.tokens
     assert all(np.array_equal(a, b) for a, b in zip(again.logits, got.logits))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
+@pytest.mark.parametrize("schedule", SCHEDULES[:3], ids=lambda s: repr(s.to_dict()))
+def test_torch_cuda_graphs_run_llama_family(llama_export, schedule):
+    manifest = read_manifest(llama_export)
+    want = _generate(Runtime(manifest, OnnxRuntimeEngine(manifest)), schedule, LLAMA_PROMPTS)
+    rt = skipdeploy.load(llama_export, backend="torch", device="cuda", dtype="float32")
+    got = _generate(rt, schedule, LLAMA_PROMPTS)
+    for row in range(len(LLAMA_PROMPTS)):
+        n = comparable_prefix(want.logits, row)
+        assert got.tokens[row][:n] == want.tokens[row][:n]
+    assert rt.engine.graph_keys() == _decode_layer_sets(schedule, len(LLAMA_PROMPTS))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
+def test_torch_cuda_graphs_after_a_nan_request(runtimes, exports):
+    rt = skipdeploy.load(exports["tiny"], backend="torch", device="cuda", dtype="float32")
+    sched = SCHEDULES[1]
+    _generate(rt, sched)
+    for t in _free_pool(rt.engine, len(PROMPTS)).keys + _free_pool(rt.engine, len(PROMPTS)).values:
+        t.fill_(float("nan"))
+    got, want = _generate(rt, sched), _generate(runtimes["tiny", "onnxruntime"], sched)
+    assert all(np.isfinite(x).all() for x in got.logits)
+    for row in range(len(PROMPTS)):
+        n = comparable_prefix(want.logits, row)
+        assert got.tokens[row][:n] == want.tokens[row][:n]
+
+
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_torch_cuda_n_runs_on_device_n(runtimes, exports):
+    """cuda:1 puts the weights, the cache and the captured graphs on device 1, whatever device is
+    current."""
+    rt = skipdeploy.load(exports["tiny"], backend="torch", device="cuda:1", dtype="float32")
+    sched = SCHEDULES[1]
+    with torch.cuda.device(0):
+        got = _generate(rt, sched)
+    assert rt.engine.embed_w[next(iter(rt.engine.embed_w))].device == torch.device("cuda", 1)
+    assert all(k.device == torch.device("cuda", 1) for k in _free_pool(rt.engine, len(PROMPTS)).keys)
+    want = _generate(runtimes["tiny", "onnxruntime"], sched)
+    for row in range(len(PROMPTS)):
+        n = comparable_prefix(want.logits, row)
+        assert got.tokens[row][:n] == want.tokens[row][:n]
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)

@@ -85,14 +85,31 @@ def max_new_tokens_option(default: int | None, help: str = "Tokens to generate p
                         show_default=default is not None, help=help, **kwargs)
 
 
+class Device(click.ParamType):
+    """cpu, cuda or cuda:N (a CUDA device by index, as torch and ``nvidia-smi`` number them)."""
+
+    name = "device"
+
+    def __init__(self, cpu: bool = True) -> None:
+        self.cpu = cpu
+
+    def convert(self, value, param, ctx):
+        kind, colon, index = str(value).partition(":")
+        if (kind == "cpu" and self.cpu and not colon) or (kind == "cuda" and (not colon or index.isdigit())):
+            return str(value)
+        choices = "cpu, cuda or cuda:N" if self.cpu else "cuda or cuda:N"
+        self.fail(f"{value!r} is not a device; use {choices}", param, ctx)
+
+
 def backend_options(func):
     return _apply(func, [
         click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime",
                      show_default=True, help="Engine that runs the graphs (torch: the PyTorch reference; "
                      "tensorrt: engines from build-engines)."),
-        click.option("--device", type=click.Choice(["cpu", "cuda"]),
-                     help="Where the backend runs [default: cpu; tensorrt: cuda]. cuda needs onnxruntime-gpu, a CUDA "
-                          "build of torch (fp16, CUDA graphs) or TensorRT engines (build-engines)."),
+        click.option("--device", type=Device(), metavar="cpu|cuda|cuda:N",
+                     help="Where the backend runs: cpu, cuda or cuda:N [default: cpu; tensorrt: cuda]. cuda needs "
+                          "onnxruntime-gpu, a CUDA build of torch (fp16, CUDA graphs) or TensorRT engines "
+                          "(build-engines)."),
         click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads for onnxruntime "
                      "[default: all cores]."),
     ])

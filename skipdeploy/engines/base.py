@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..manifest import Manifest
-from ..numerics import MASK_VALUE
+from ..numerics import MASK_VALUE, itemsize
 
 # Bias of the masked positions some engines keep in front of every layer's cache
 # (see masked_position_bias).
@@ -94,6 +94,12 @@ class Engine(ABC):
         return np.ascontiguousarray(array, self.dtype)
 
     # -- resources -------------------------------------------------------------------------------
+    @property
+    def cache_itemsize(self) -> int:
+        """Bytes of one cached key or value element as this engine runs, which is not always the
+        export's dtype (the torch backend runs a float32 export in float16 on CUDA)."""
+        return itemsize(self.manifest.dtype)
+
     def available_memory(self) -> int | None:
         """Bytes a new cache may use on this engine's device, or None when unknown."""
         return host_available_memory()
@@ -221,21 +227,30 @@ class FlatPool:
 
     Used by the engines whose caches are one flat key and one flat value buffer per layer viewed
     as [capacity, batch, H, D]: any later request whose layer fits reuses the memory, so that a
-    server does not pay page faults for a new cache at every request."""
+    server does not pay page faults for a new cache at every request.
+
+    A cache's ``layout`` (for the GPU engines: its batch, which places the masked position in
+    front of position 0) says which bytes are read without being written first. A buffer reused
+    under another layout gets ``reset`` before it is handed out: bytes the last cache wrote (NaN,
+    if that request overflowed) would otherwise sit where this one reads them with zero weight,
+    and 0 x NaN is NaN."""
 
     def __init__(self, keep: int = 4) -> None:
         self.keep = keep
-        self._free: list[tuple[list, list]] = []
+        self._free: list[tuple[list, list, Any]] = []
 
-    def lease(self, needs: list[int], size, new) -> tuple[list, list]:
+    def lease(self, needs: list[int], size, new, layout: Any = None, reset=None) -> tuple[list, list, Any]:
         """Flat key and value buffers per layer, each holding at least ``needs[l]`` (in the unit of
-        ``size(buffer)``): a released cache's where they fit, ``new(need)`` where not."""
-        flat_keys, flat_values = self._free.pop() if self._free else ([None] * len(needs), [None] * len(needs))
+        ``size(buffer)``): a released cache's where they fit, ``new(need)`` where not. Returns
+        ``(keys, values, layout)``: the cache's ``storage``."""
+        keys, values, old = self._free.pop() if self._free else ([None] * len(needs), [None] * len(needs), layout)
         for layer, need in enumerate(needs):
-            for flat in (flat_keys, flat_values):
+            for flat in (keys, values):
                 if flat[layer] is None or size(flat[layer]) < need:
                     flat[layer] = new(need)
-        return flat_keys, flat_values
+                elif old != layout and reset is not None:
+                    reset(flat[layer])
+        return keys, values, layout
 
     def give(self, cache: KVCache) -> None:
         """Keep a released cache's buffers (its ``storage``) for a later ``lease``."""
@@ -245,7 +260,7 @@ class FlatPool:
 
     def held_bytes(self, size) -> int:
         """Bytes of the buffers held for reuse, ``size(buffer)`` each: memory a new cache may take."""
-        return sum(size(b) for keys, values in self._free for b in keys + values if b is not None)
+        return sum(size(b) for keys, values, _ in self._free for b in keys + values if b is not None)
 
     def clear(self) -> None:
         self._free.clear()

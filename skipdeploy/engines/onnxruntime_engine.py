@@ -213,12 +213,14 @@ class OnnxRuntimeEngine(OnnxRuntimeGraphs, StaticEngine):
 
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
         H, D = self.spec.kv_heads, self.spec.head_dim
-        flat_keys, flat_values = self._free.lease([cap * batch * H * D for cap in capacities], lambda b: b.size,
-                                                  lambda n: np.empty(n, self.dtype))
+        # Nothing is read before it is written here (the past is bound to its valid prefix).
+        storage = self._free.lease([cap * batch * H * D for cap in capacities], lambda b: b.size,
+                                   lambda n: np.empty(n, self.dtype))
+        flat_keys, flat_values, _ = storage
         shapes = [(cap, batch, H, D) for cap in capacities]
         return KVCache([flat[:int(np.prod(shape))].reshape(shape) for flat, shape in zip(flat_keys, shapes)],
                        [flat[:int(np.prod(shape))].reshape(shape) for flat, shape in zip(flat_values, shapes)],
-                       capacities, batch, storage=(flat_keys, flat_values))
+                       capacities, batch, storage=storage)
 
     def release(self, cache: KVCache) -> None:
         self._free.give(cache)

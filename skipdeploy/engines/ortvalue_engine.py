@@ -114,19 +114,27 @@ class OrtValueEngine(StaticEngine):
 
     def _buffer(self, n: int) -> "ort.OrtValue":
         value = self._new([n], self.dtype)
-        if self.pad:  # the masked position is read (with zero weight): it must hold finite numbers
-            value.update_inplace(np.zeros(n, self.dtype))
+        if self.pad:
+            self._zero(value)
         return value
+
+    def _zero(self, value: "ort.OrtValue") -> None:
+        """The masked position is read (with zero weight): it must hold finite numbers. The whole
+        buffer, since onnxruntime writes an OrtValue only whole (a reset happens only when a
+        buffer changes batch size)."""
+        value.update_inplace(np.zeros(value.shape()[0], self.dtype))
 
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
         H, D = self.spec.kv_heads, self.spec.head_dim
-        flat_keys, flat_values = self._free.lease([max(1, (cap + self.pad) * batch * H * D) for cap in capacities],
-                                                  lambda v: v.shape()[0], self._buffer)
+        storage = self._free.lease([max(1, (cap + self.pad) * batch * H * D) for cap in capacities],
+                                   lambda v: v.shape()[0], self._buffer, layout=batch if self.pad else None,
+                                   reset=self._zero)
+        flat_keys, flat_values, _ = storage
         offset = self.pad * batch * H * D * np.dtype(self.dtype).itemsize  # the real positions, after the masked one
         shapes = [(cap, batch, H, D) for cap in capacities]
         return KVCache([DeviceArray(flat, shape, self.dtype, offset) for flat, shape in zip(flat_keys, shapes)],
                        [DeviceArray(flat, shape, self.dtype, offset) for flat, shape in zip(flat_values, shapes)],
-                       capacities, batch, storage=(flat_keys, flat_values))
+                       capacities, batch, storage=storage)
 
     def release(self, cache: KVCache) -> None:
         self._free.give(cache)

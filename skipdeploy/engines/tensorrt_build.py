@@ -19,6 +19,14 @@ layer's cache (``PAST_PAD``), so the past length the engine sees is at least 1 (
 of 0 are a known TensorRT hazard). Profile 0 serves decode steps (one new token, any past up
 to ``max_length``), profile 1 serves prefill (up to ``max_prompt`` new tokens after at most
 ``max_prompt`` earlier positions).
+
+Errors: TensorRT's Python bindings raise ``RuntimeError`` from some calls (e.g.
+``set_optimization_profile_async`` in 10.16 and 11.1, ``IOptimizationProfile.set_shape``) and
+report others by returning False or None; ``trt_call`` wraps each TensorRT call so that a
+``RuntimeError`` becomes one ``BackendError`` line (what was being done, TensorRT's first line,
+what to do), and the callers keep checking what is returned. Anything else a call raises is a
+bug here and passes through. Builds run on the device asked for (``device_id``, N or "cuda:N"):
+its identity keys the engines, and it is CUDA's current device while TensorRT builds.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from .. import __version__
 from ..errors import BackendError
@@ -46,6 +54,22 @@ ENGINE_FORMAT = 1
 PAST_PAD = 1  # masked cache positions in front of position 0 (see the module docstring)
 DECODE_PROFILE, PREFILL_PROFILE = 0, 1
 REBUILD = "skipdeploy build-engines {dir}"
+SEE_MESSAGES = "see TensorRT's messages above"
+_T = TypeVar("_T")
+
+
+def trt_call(what: str | Callable[[], str], fix: str, call: Callable[..., _T], *args,
+             errors: tuple = (RuntimeError,), **kwargs) -> _T:
+    """``call(*args, **kwargs)``, a TensorRT binding; an exception in ``errors`` becomes one
+    BackendError line: "TensorRT failed <what>: <its first line>; <fix>". Only the binding runs
+    inside, so a bug of ours is never dressed up as TensorRT's. ``what`` may be a function, for
+    calls made every step (its text is made only on failure)."""
+    try:
+        return call(*args, **kwargs)
+    except errors as exc:
+        lines = str(exc).strip().splitlines()
+        first = lines[0].strip().rstrip(".") if lines else type(exc).__name__
+        raise BackendError(f"TensorRT failed {what() if callable(what) else what}: {first}; {fix}") from None
 
 
 def import_tensorrt():
@@ -58,11 +82,12 @@ def import_tensorrt():
     return tensorrt
 
 
-def require_tensorrt(device_id: int = 0) -> None:
-    """Fail early, in one line, when TensorRT or a GPU is missing."""
-    import_tensorrt()
-    from .cuda_memory import gpu_identity
+def require_tensorrt(device_id: int | str = 0) -> None:
+    """Fail early, in one line, when TensorRT or the GPU (N or "cuda:N") is missing."""
+    from .cuda_memory import gpu_identity, parse_cuda_device
 
+    device_id = parse_cuda_device(device_id)
+    import_tensorrt()
     gpu_identity(device_id)
 
 
@@ -222,16 +247,18 @@ def find_engines(manifest: Manifest, identity: dict, trt_version: str, verify: b
 # -- building ---------------------------------------------------------------------------------------
 def build_engines(directory: str | os.PathLike, *, max_batch: int | None = None, max_length: int | None = None,
                   max_prompt: int | None = None, opt_batch: int | None = None, force: bool = False,
-                  device_id: int = 0, log: Callable[[str], None] | None = None) -> EngineSet:
-    """Build (or find up to date) the engines of the export at ``directory`` for this machine."""
+                  device_id: int | str = 0, log: Callable[[str], None] | None = None) -> EngineSet:
+    """Build (or find up to date) the engines of the export at ``directory`` for CUDA device
+    ``device_id`` (N or "cuda:N") of this machine."""
+    from .cuda_memory import gpu_identity, parse_cuda_device, use_device
+
+    device_id = parse_cuda_device(device_id)
     log = log or (lambda msg: print(msg, file=sys.stderr))
     manifest = read_manifest(directory, verify=True)
     if manifest.raw.get("quantization"):  # refused first: no TensorRT install makes it buildable
         raise BackendError(f"{manifest.directory} is a quantized export ({manifest.raw['quantization'].get('weights')} "
                            "weights for the CPU); build TensorRT engines from the float16 export instead")
     trt = import_tensorrt()
-    from .cuda_memory import gpu_identity
-
     identity = gpu_identity(device_id)
     profile = Profile.for_manifest(manifest, max_batch, max_length, max_prompt, opt_batch)
     if manifest.dtype != "float16":
@@ -252,8 +279,9 @@ def build_engines(directory: str | os.PathLike, *, max_batch: int | None = None,
     tmp = root / f".{key}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        metadata = _build_all(trt, manifest, profile, identity, tmp, root / f"timing-{key.rsplit('_', 2)[0]}.cache",
-                              device_id, log)
+        with use_device(device_id):
+            metadata = _build_all(trt, manifest, profile, identity, tmp,
+                                  root / f"timing-{key.rsplit('_', 2)[0]}.cache", device_id, log)
         metadata["key"] = key
         (tmp / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
         if target.exists():
@@ -280,10 +308,11 @@ def _check_graph_ops(path: Path) -> None:
 
 def _build_all(trt, manifest: Manifest, profile: Profile, identity: dict, out: Path, timing_path: Path,
                device_id: int, log: Callable[[str], None]) -> dict:
+    on = f"on cuda:{device_id} ({identity['gpu']})"
     logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    if builder is None:
-        raise BackendError("TensorRT could not create a builder (no usable NVIDIA GPU or driver?)")
+    # Builder and OnnxParser are pybind factories: a null object from TensorRT is a TypeError there.
+    builder = trt_call(f"to create a builder {on}", "check the NVIDIA driver and that TensorRT supports this GPU",
+                       trt.Builder, logger, errors=(RuntimeError, TypeError))
     flags = 0
     if trt_major(trt) < 11 and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
         # TensorRT 10: ask for strong typing (precision from the graph's types); 11 is always strongly typed.
@@ -293,27 +322,39 @@ def _build_all(trt, manifest: Manifest, profile: Profile, identity: dict, out: P
     for name, kind, path in _graphs(manifest):
         _check_graph_ops(path)
         start = time.perf_counter()
-        network = builder.create_network(flags)
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(path)):
+        reexport = f"re-export {manifest.directory} with this skipdeploy, or {SEE_MESSAGES}"
+        network = trt_call(f"to create a network for {path.name}", SEE_MESSAGES, builder.create_network, flags)
+        parser = trt_call(f"to create an ONNX parser for {path.name}", SEE_MESSAGES, trt.OnnxParser, network, logger,
+                          errors=(RuntimeError, TypeError))
+        if not trt_call(f"to parse {path.name}", reexport, parser.parse_from_file, str(path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise BackendError(f"TensorRT cannot parse {path.name}: {errors or 'unknown error'}")
-        config = builder.create_builder_config()
+        config = trt_call("to create a builder config", SEE_MESSAGES, builder.create_builder_config)
         if manifest.dtype == "float32" and hasattr(trt.BuilderFlag, "TF32"):
             config.clear_flag(trt.BuilderFlag.TF32)  # float32 means float32 (TF32 would differ by ~1e-3)
+        stale_cache = f"delete {timing_path} and build again"
         if timing_cache is None:
             data = timing_path.read_bytes() if timing_path.is_file() else b""
-            timing_cache = config.create_timing_cache(data)
-        if not config.set_timing_cache(timing_cache, False):
-            raise BackendError(f"TensorRT refused the timing cache {timing_path}; delete it and build again")
-        for shapes in profile.shapes(kind, manifest.model):
-            opt_profile = builder.create_optimization_profile()
+            timing_cache = trt_call(f"to read the timing cache {timing_path}", stale_cache,
+                                    config.create_timing_cache, data)
+            if timing_cache is None:
+                raise BackendError(f"TensorRT cannot read the timing cache {timing_path}; {stale_cache}")
+        if not trt_call(f"to use the timing cache {timing_path}", stale_cache,
+                        config.set_timing_cache, timing_cache, False):
+            raise BackendError(f"TensorRT refused the timing cache {timing_path}; {stale_cache}")
+        for number, shapes in enumerate(profile.shapes(kind, manifest.model)):
+            opt_profile = trt_call("to create an optimization profile", SEE_MESSAGES,
+                                   builder.create_optimization_profile)
             for tensor, (lo, opt, hi) in shapes.items():
-                opt_profile.set_shape(tensor, lo, opt, hi)
-            config.add_optimization_profile(opt_profile)
-        serialized = builder.build_serialized_network(network, config)
+                trt_call(f"to set profile {number} of {path.name} for {tensor} to {lo} .. {hi}",
+                         "pass other --max-batch/--max-length/--max-prompt", opt_profile.set_shape, tensor, lo, opt, hi)
+            if trt_call(f"to add profile {number} of {path.name}", SEE_MESSAGES,
+                        config.add_optimization_profile, opt_profile) < 0:
+                raise BackendError(f"TensorRT refused optimization profile {number} of {path.name}; {SEE_MESSAGES}")
+        serialized = trt_call(f"to build an engine for {path.name} {on}", SEE_MESSAGES,
+                              builder.build_serialized_network, network, config)
         if serialized is None:
-            raise BackendError(f"TensorRT could not build an engine for {path.name} (see TensorRT's messages above)")
+            raise BackendError(f"TensorRT could not build an engine for {path.name} {on} ({SEE_MESSAGES})")
         plan_file = f"{name}.plan"
         with open(out / plan_file, "wb") as fh:
             fh.write(serialized)
@@ -324,7 +365,7 @@ def _build_all(trt, manifest: Manifest, profile: Profile, identity: dict, out: P
     if timing_cache is not None:
         tmp = timing_path.with_suffix(".tmp")
         with open(tmp, "wb") as fh:
-            fh.write(timing_cache.serialize())
+            fh.write(trt_call("to save the timing cache", SEE_MESSAGES, timing_cache.serialize))
         os.replace(tmp, timing_path)
     return {"format": ENGINE_FORMAT, **identity, "tensorrt": trt.__version__, "dtype": manifest.dtype,
             "profile": asdict(profile), "past_pad": PAST_PAD, "plans": plans, "skipdeploy": __version__,
@@ -332,4 +373,4 @@ def _build_all(trt, manifest: Manifest, profile: Profile, identity: dict, out: P
 
 
 __all__ = ["EngineSet", "Profile", "build_engines", "engine_key", "find_engines", "import_tensorrt",
-           "require_tensorrt"]
+           "require_tensorrt", "trt_call"]

@@ -12,7 +12,14 @@ activation memory (they never run at the same time).
 Every layer's cache has one masked position in front of position 0 (``PAST_PAD``), so that no
 engine ever sees an empty past; the bias gets a masked column in front to match.
 
-Device memory comes from torch or CuPy (``cuda_memory``), whichever is installed.
+Device memory comes from torch or CuPy (``cuda_memory``), whichever is installed. ``device_id``
+(N or "cuda:N"; ``skipdeploy.load(..., device="cuda:N")`` passes N) picks the GPU: its identity
+picks the engines, and it is made CUDA's current device (in the calling thread) around every
+TensorRT call, so deserialization, contexts, the stream and execution all live on device N.
+
+Every TensorRT call goes through ``trt_call``: a ``RuntimeError`` from the bindings is one
+``BackendError`` line naming the graph, the profile and what to do; returned failures (False,
+None) are checked too.
 """
 
 from __future__ import annotations
@@ -23,9 +30,9 @@ from ..errors import BackendError
 from ..manifest import Manifest
 from ..numerics import numpy_dtype, round_up
 from .base import FlatPool, KVCache, StaticEngine, masked_position_bias
-from .cuda_memory import CudaMemory, DeviceBuffer, gpu_identity
-from .tensorrt_build import (DECODE_PROFILE, PAST_PAD, PREFILL_PROFILE, REBUILD, build_engines, find_engines,
-                             import_tensorrt)
+from .cuda_memory import CudaMemory, DeviceBuffer, gpu_identity, parse_cuda_device
+from .tensorrt_build import (DECODE_PROFILE, PAST_PAD, PREFILL_PROFILE, REBUILD, SEE_MESSAGES, build_engines,
+                             find_engines, import_tensorrt, trt_call)
 
 ALIGNMENT = 256  # bytes; IExecutionContext::setTensorAddress requires it
 
@@ -55,20 +62,21 @@ def _np_dtype(trt, dtype) -> np.dtype:
 
 
 class _Graph:
-    """One deserialized engine and an execution context per optimization profile."""
+    """One deserialized engine and an execution context per optimization profile, on one device."""
 
-    def __init__(self, trt, runtime, path) -> None:
-        self.trt, self.name = trt, path.name
-        try:
-            self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
-        except Exception as exc:  # pybind raises RuntimeError/TypeError on bad plans
-            self.engine = None
-            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        else:
-            why = "see TensorRT's messages above"
+    PROFILES = {DECODE_PROFILE: "decode", PREFILL_PROFILE: "prefill"}
+
+    def __init__(self, trt, runtime, path, memory: CudaMemory) -> None:
+        self.trt, self.name, self.memory = trt, path.name, memory
+        self.device = f"cuda:{memory.device_id}"
+        self.rebuild = f"rebuild the engines with `{REBUILD.format(dir=path.parent.parent.parent)} --force`"
+        self.run_fix = f"{SEE_MESSAGES}; if they blame the engine, {self.rebuild}"
+        data = path.read_bytes()
+        with memory.activate():  # an engine lives on the device current while it is deserialized
+            self.engine = trt_call(f"to load {path} on {self.device}", self.rebuild, runtime.deserialize_cuda_engine,
+                                   data)
         if self.engine is None:
-            raise BackendError(f"TensorRT cannot load {path} ({why}); rebuild the engines with "
-                               f"`{REBUILD.format(dir=path.parent.parent.parent)} --force`")
+            raise BackendError(f"TensorRT cannot load {path} on {self.device} ({SEE_MESSAGES}); {self.rebuild}")
         engine = self.engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -81,23 +89,35 @@ class _Graph:
             size = getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size
             self.memory_sizes = [int(size) for _ in profiles]
         self.profile_shapes = [{n: engine.get_tensor_profile_shape(n, p) for n in self.inputs} for p in profiles]
-        self.contexts = []
+        self.contexts, self.wheres = [], []  # per profile: its context, and how messages name it
 
-    def attach(self, scratch: DeviceBuffer, stream: int) -> None:
+    def _profile(self, profile: int) -> str:
+        kind = self.PROFILES.get(profile) if len(self.memory_sizes) > 1 else None
+        return f"profile {profile}{f' ({kind})' if kind else ''} of {self.name} on {self.device}"
+
+    def attach(self, scratch: DeviceBuffer) -> None:
         """One context per profile, all on the shared activation memory ``scratch``."""
-        trt = self.trt
-        for profile in range(len(self.memory_sizes)):
-            context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-            if context is None:
-                raise BackendError(f"TensorRT could not create an execution context for {self.name}")
-            setter = getattr(context, "set_device_memory", None)
-            if setter is not None:
-                setter(scratch.ptr, scratch.nbytes)
-            else:  # TensorRT 10.0
-                context.device_memory = scratch.ptr
-            if not context.set_optimization_profile_async(profile, stream):
-                raise BackendError(f"TensorRT refused optimization profile {profile} for {self.name}")
-            self.contexts.append(context)
+        trt, stream = self.trt, self.memory.stream
+        with self.memory.activate():
+            for profile in range(len(self.memory_sizes)):
+                where = self._profile(profile)
+                context = trt_call(f"to create an execution context for {where}",
+                                   f"free GPU memory, or {self.rebuild} and a smaller --max-batch/--max-length",
+                                   self.engine.create_execution_context,
+                                   trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+                if context is None:
+                    raise BackendError(f"TensorRT could not create an execution context for {where} ({SEE_MESSAGES})")
+                setter = getattr(context, "set_device_memory", None)
+                if setter is not None:
+                    trt_call(f"to give activation memory to {where}", SEE_MESSAGES, setter, scratch.ptr, scratch.nbytes)
+                else:  # TensorRT 10.0
+                    context.device_memory = scratch.ptr
+                # Raises in TensorRT 10.16 and 11.1 instead of returning False: both are handled.
+                if not trt_call(f"to select {where}", self.rebuild, context.set_optimization_profile_async,
+                                profile, stream):
+                    raise BackendError(f"TensorRT refused {where}; {self.rebuild}")
+                self.contexts.append(context)
+                self.wheres.append(where)
 
     def fits(self, profile: int, shapes: dict[str, tuple]) -> str | None:
         """None when ``shapes`` are inside ``profile``, else which input is out of range."""
@@ -107,47 +127,58 @@ class _Graph:
                 return f"{name} {list(shape)} outside [{list(lo)} .. {list(hi)}]"
         return None
 
-    def run(self, profile: int, shapes: dict[str, tuple], addresses: dict[str, int], stream: int) -> None:
-        context = self.contexts[profile]
-        for name, shape in shapes.items():
-            if not context.set_input_shape(name, shape):
-                raise BackendError(f"{self.name}: TensorRT refused input shape {name} {list(shape)}")
-        for name, address in addresses.items():
-            if not context.set_tensor_address(name, address):
-                raise BackendError(f"{self.name}: TensorRT refused the address of {name}")
-        if not context.execute_async_v3(stream):
-            raise BackendError(f"{self.name}: TensorRT execution failed (see TensorRT's messages above)")
+    def run(self, profile: int, shapes: dict[str, tuple], addresses: dict[str, int]) -> None:
+        context, where = self.contexts[profile], self.wheres[profile]
+        with self.memory.activate():
+            for name, shape in shapes.items():
+                if not trt_call(lambda: f"to set input {name} to {list(shape)} in {where}", self.rebuild,
+                                context.set_input_shape, name, shape):
+                    raise BackendError(f"TensorRT refused input {name} {list(shape)} in {where}; {self.rebuild}")
+            for name, address in addresses.items():
+                if not trt_call(lambda: f"to bind {name} in {where}", SEE_MESSAGES, context.set_tensor_address,
+                                name, address):
+                    raise BackendError(f"TensorRT refused the address of {name} in {where} ({SEE_MESSAGES})")
+            if not trt_call(lambda: f"to run {where}", self.run_fix, context.execute_async_v3, self.memory.stream):
+                raise BackendError(f"TensorRT could not run {where} ({SEE_MESSAGES})")
 
 
 class TensorRTEngine(StaticEngine):
     name = "tensorrt"
 
-    def __init__(self, manifest: Manifest, device_id: int = 0, build: bool = False, memory: str | None = None,
-                 **build_options) -> None:
+    def __init__(self, manifest: Manifest, device_id: int | str = 0, build: bool = False, memory: str | None = None,
+                 max_batch: int | None = None, max_length: int | None = None, max_prompt: int | None = None,
+                 opt_batch: int | None = None) -> None:
+        """``build``: build the engines when none fit this GPU (``max_batch`` ... ``opt_batch`` as
+        ``build-engines`` takes them); ``memory``: "torch" or "cupy" for the device buffers."""
         super().__init__(manifest)
+        device_id = parse_cuda_device(device_id)  # a bad device string is refused before any import
         trt = import_tensorrt()
         self.memory = CudaMemory(device_id, prefer=memory)
-        identity = gpu_identity(device_id)
+        identity = gpu_identity(device_id)  # device N's name and compute capability pick the engines
         try:
             entry = find_engines(manifest, identity, trt.__version__)
         except BackendError:
             if not build:
                 raise
-            entry = build_engines(manifest.directory, device_id=device_id, **build_options)
+            entry = build_engines(manifest.directory, device_id=device_id, max_batch=max_batch, max_length=max_length,
+                                  max_prompt=max_prompt, opt_batch=opt_batch)
         self.entry = entry
         self.profile = entry.profile
         self.dtype = numpy_dtype(manifest.dtype)
         self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
-        self.embed_graph = _Graph(trt, self.runtime, entry.plan("embed"))
-        self.layer_graphs = [_Graph(trt, self.runtime, entry.plan(f"layer_{i:02d}"))
+        with self.memory.activate():  # Runtime is a pybind factory: a null runtime is a TypeError there
+            self.runtime = trt_call(f"to create a runtime on cuda:{device_id}", "check the NVIDIA driver and that "
+                                    "TensorRT supports this GPU", trt.Runtime, self.logger,
+                                    errors=(RuntimeError, TypeError))
+        self.embed_graph = _Graph(trt, self.runtime, entry.plan("embed"), self.memory)
+        self.layer_graphs = [_Graph(trt, self.runtime, entry.plan(f"layer_{i:02d}"), self.memory)
                              for i in range(self.spec.num_layers)]
-        self.head_graph = _Graph(trt, self.runtime, entry.plan("head"))
+        self.head_graph = _Graph(trt, self.runtime, entry.plan("head"), self.memory)
         graphs = [self.embed_graph, *self.layer_graphs, self.head_graph]
         # The graphs run one after another on one stream: one activation block serves them all.
         self._scratch = self.memory.alloc(max(max(g.memory_sizes) for g in graphs))
         for graph in graphs:
-            graph.attach(self._scratch, self.memory.stream)
+            graph.attach(self._scratch)
         self._free = FlatPool()
         self._buffers: dict[tuple, DeviceBuffer] = {}
         self._bias_host: np.ndarray | None = None
@@ -163,15 +194,19 @@ class TensorRTEngine(StaticEngine):
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
         H, D = self.spec.kv_heads, self.spec.head_dim
         item = np.dtype(self.dtype).itemsize
-        # Zeroed at allocation: the masked position in front is read (with zero weight) and must be finite.
-        flat_keys, flat_values = self._free.lease([(cap + PAST_PAD) * batch * H * D * item for cap in capacities],
-                                                  lambda b: b.nbytes, lambda n: self.memory.alloc(n, zero=True))
+        # The masked position in front is read (with zero weight) and must be finite: zeroed at
+        # allocation, and again when a buffer comes back for another batch size (FlatPool).
         offset = PAST_PAD * batch * H * D * item
+        zeros = np.zeros(offset, np.uint8)
+        storage = self._free.lease([(cap + PAST_PAD) * batch * H * D * item for cap in capacities],
+                                   lambda b: b.nbytes, lambda n: self.memory.alloc(n, zero=True), layout=batch,
+                                   reset=lambda b: self.memory.upload(b, zeros))
+        flat_keys, flat_values, _ = storage
         shapes = [(cap, batch, H, D) for cap in capacities]
         return KVCache([DeviceTensor(self.memory, flat, shape, self.dtype, offset)
                         for flat, shape in zip(flat_keys, shapes)],
                        [DeviceTensor(self.memory, flat, shape, self.dtype, offset)
-                        for flat, shape in zip(flat_values, shapes)], capacities, batch, storage=(flat_keys, flat_values))
+                        for flat, shape in zip(flat_values, shapes)], capacities, batch, storage=storage)
 
     def release(self, cache: KVCache) -> None:
         self._free.give(cache)
@@ -217,7 +252,7 @@ class TensorRTEngine(StaticEngine):
             shapes["position_ids"] = (B, T)
             addresses["position_ids"] = self._upload_positions(position_ids, graph).ptr
         self._check(graph, 0, shapes, "prompt chunk", "--max-prompt/--max-batch")
-        graph.run(0, shapes, addresses, self.memory.stream)
+        graph.run(0, shapes, addresses)
         return out
 
     def _upload_positions(self, positions: np.ndarray, graph):
@@ -253,7 +288,7 @@ class TensorRTEngine(StaticEngine):
             new = T * position
             stage = self._buffer(("stage",), 2 * round_up(new, ALIGNMENT))
             addresses["key"], addresses["value"] = stage.ptr, stage.ptr + round_up(new, ALIGNMENT)
-        graph.run(profile, shapes, addresses, self.memory.stream)
+        graph.run(profile, shapes, addresses)
         if staged:
             self.memory.copy(cache.keys[index].buffer, P * position, stage, 0, new)
             self.memory.copy(cache.values[index].buffer, P * position, stage, round_up(new, ALIGNMENT), new)
@@ -274,7 +309,7 @@ class TensorRTEngine(StaticEngine):
         self._check(graph, 0, shapes, "batch", "--max-batch")
         V = self.spec.vocab_size
         out = self._buffer(("logits",), B * V * 4)
-        graph.run(0, shapes, {"hidden": address, "logits": out.ptr}, self.memory.stream)
+        graph.run(0, shapes, {"hidden": address, "logits": out.ptr})
         logits = self._host_logits(B)
         return self.memory.download(logits, out)  # waits for the stream
 

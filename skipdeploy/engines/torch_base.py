@@ -91,6 +91,10 @@ class TorchGraphs(Engine):
     def from_numpy(self, array: np.ndarray) -> "torch.Tensor":
         return torch.from_numpy(np.array(array, np.float32)).to(device=self.device, dtype=self.dtype)
 
+    @property
+    def cache_itemsize(self) -> int:
+        return self.dtype.itemsize
+
     def available_memory(self) -> int | None:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)

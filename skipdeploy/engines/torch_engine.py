@@ -19,6 +19,7 @@ Two decode paths share the layer math:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,7 +105,8 @@ class TorchEngine(TorchGraphs, StaticEngine):
         if self.cuda_graphs and not self.static_cache:
             raise BackendError("CUDA graphs need the static-cache decode path (static_cache=True)")
         self._free: list[_Pool] = []
-        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        with self._on_device():
+            self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     # -- cache -------------------------------------------------------------------------------
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
@@ -127,14 +129,18 @@ class TorchEngine(TorchGraphs, StaticEngine):
     def _pool(self, capacities: list[int], batch: int) -> _Pool:
         """Static buffers for ``batch`` rows that hold at least ``capacities``: a released pool of
         that batch size (its graphs too) when there is one, grown (by BUCKET positions) where too
-        small, which drops the graphs captured on the old addresses. Zeroed at allocation: masked
-        positions are multiplied by zero weights, and 0 x NaN would be NaN."""
+        small, which drops the graphs captured on the old addresses. Zeroed at allocation and on
+        reuse: a step reads the whole buffer, masked positions get zero weight, and 0 x NaN is NaN,
+        so a stale NaN from an earlier request would otherwise reach every later one."""
         H, D, L = self.spec.kv_heads, self.spec.head_dim, self.spec.num_layers
         pool = next((p for p in reversed(self._free) if p.batch == batch), None)
         if pool is None:
             pool = _Pool(batch, [None] * L, [None] * L)
         else:
             self._free.remove(pool)
+            for t in pool.keys + pool.values:
+                if t is not None:
+                    t.zero_()
         grown = False
         for layer, cap in enumerate(capacities):
             if pool.keys[layer] is None or pool.keys[layer].shape[0] < cap:
@@ -251,6 +257,13 @@ class TorchEngine(TorchGraphs, StaticEngine):
 
     @torch.no_grad()
     def _run_pending(self, step: _PendingStep, eager_hidden: bool = False):
+        with self._on_device():  # capture and replay use the current device's streams
+            return self._run_pending_here(step, eager_hidden)
+
+    def _on_device(self):
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _run_pending_here(self, step: _PendingStep, eager_hidden: bool):
         B = step.ids.shape[0]
         if not step.layers:  # embed straight into the head: nothing to cache
             x = self._embed(torch.as_tensor(step.ids, device=self.device),

@@ -189,7 +189,7 @@ class Generator:
     def close(self) -> None:
         """Give the cache back to the engine (idempotent); the generator cannot step afterwards."""
         if self.cache is not None:
-            self.engine.release(self.cache)
+            self.runtime.release_cache(self.cache)
             self.cache = None
 
     def __enter__(self) -> "Generator":

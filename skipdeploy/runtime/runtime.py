@@ -19,7 +19,6 @@ import numpy as np
 from ..engines import KVCache, StaticEngine
 from ..errors import InputError
 from ..manifest import Manifest
-from ..numerics import itemsize
 from ..schedule import LayerSchedule
 from .generator import GenerationResult, Generator, Step
 from .core import EngineCore, check_memory_limit, open_engine
@@ -110,11 +109,19 @@ class Runtime:
 
     # -- memory ----------------------------------------------------------------------------
     def allocate_cache(self, capacities: list[int], batch: int) -> KVCache:
-        """A new cache from the engine, refused up front when it does not fit."""
-        need = cache_bytes(capacities, batch, self.spec.kv_heads, self.spec.head_dim, itemsize(self.manifest.dtype))
-        self.core.check_fits(need, "the KV cache needs {need} for this request",
-                             "use a smaller batch, fewer new tokens or a shorter prompt")
-        return self.engine.allocate(capacities, batch)
+        """A new cache from the engine, refused up front when it does not fit. Under the engine
+        lock, as every forward pass: a CUDA graph being captured in another thread's forward is
+        invalidated by any allocation on the device meanwhile."""
+        need = cache_bytes(capacities, batch, self.spec.kv_heads, self.spec.head_dim, self.engine.cache_itemsize)
+        with self.engine_lock:
+            self.core.check_fits(need, "the KV cache needs {need} for this request",
+                                 "use a smaller batch, fewer new tokens or a shorter prompt")
+            return self.engine.allocate(capacities, batch)
+
+    def release_cache(self, cache: KVCache) -> None:
+        """Give a cache back to the engine (its pool is shared by every thread's generations)."""
+        with self.engine_lock:
+            self.engine.release(cache)
 
     def close(self) -> None:
         self.engine.close()

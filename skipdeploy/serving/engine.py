@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import CapacityError, InputError, SkipDeployError
-from ..numerics import itemsize
 from ..runtime.core import EngineCore, check_integer, check_memory_limit, open_engine
 from ..runtime.generator import GenerationResult
 from ..runtime.inputs import DEFAULT, check_schedule
@@ -84,8 +83,7 @@ class ServingEngine:
         self.align_steps, self.prefill_first = align_steps, prefill_first
         self._prompts_only = False  # whether the last iteration held the decoding rows back
         self.iterations = 0
-        self.slot_bytes = 2 * self.spec.num_layers * self.max_length * self.spec.kv_dim * \
-            itemsize(self.manifest.dtype)
+        self.slot_bytes = 2 * self.spec.num_layers * self.max_length * self.spec.kv_dim * engine.cache_itemsize
         self.core.check_fits(self.slot_bytes * max_batch,
                              f"{max_batch} slots of {self.max_length} positions need {{need}} of KV cache",
                              "lower max_batch or max_length")
