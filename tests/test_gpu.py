@@ -656,26 +656,3 @@ def test_tensorrt_prompt_beyond_profile_is_one_line(trt_export):
     rt = skipdeploy.load(trt_export, backend="tensorrt")
     with pytest.raises(BackendError, match="does not fit the TensorRT engines' profile.*--max-prompt"):
         rt.generate([[2] * 20], 2)
-
-
-# -- the GPU check script, smoke-tested on the CPU (a GPU session gets one try at it) ------------------------
-@pytest.mark.slow
-def test_gpu_check_script_parses_and_its_benchmark_runs_on_cpu(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    assert subprocess.run(["bash", "-n", str(root / "tools" / "gpu_check.sh")]).returncode == 0
-    out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, str(root / "tools" / "gpu_bench.py"), "--device", "cpu", "--shape", "tiny", "--batches", "1,2",
-         "--new-tokens", "6", "--prompt", "4", "--repeats", "1", "--workdir", str(tmp_path / "work"), "--json", str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
-    contenders = {(r["batch"], r["backend"], r["schedule"]) for r in rows}
-    for batch in (1, 2):
-        assert {(batch, "hf", "full"), (batch, "torch-static", "full"), (batch, "torch-static", "2x")} <= contenders
-    assert all(r["ms_per_token"] > 0 for r in rows)
