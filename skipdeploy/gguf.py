@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import struct
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from .errors import CheckpointError, ExportError
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_PREFIX = "gguf:"
+SOURCE_RECORD = "gguf-source.json"  # in a conversion: the file it was converted from (llama.cpp runs that file)
 
 
 def checkpoint_from_gguf(gguf_path: str | Path, out: str | Path, *, force: bool = False,
@@ -207,7 +209,19 @@ def resolve_source(source: str, cache_dir: str | Path | None = None,
     # Conversions appear whole (see checkpoint_from_gguf), so a directory with a config is complete.
     if not (out / "config.json").is_file():
         checkpoint_from_gguf(path, out, force=True, log=log)
+    record = out / SOURCE_RECORD
+    if not record.is_file():  # also for conversions cached before the record existed
+        record.write_text(json.dumps({"gguf": str(path.resolve())}))
     return str(out)
 
 
-__all__ = ["ARCHITECTURES", "checkpoint_from_gguf", "resolve_source", "smollm2_gguf_path"]
+def gguf_source(checkpoint: str | Path) -> Path | None:
+    """The GGUF file a checkpoint directory was converted from (``resolve_source``), if it still exists."""
+    try:
+        path = Path(json.loads((Path(checkpoint) / SOURCE_RECORD).read_text())["gguf"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return path if path.is_file() else None
+
+
+__all__ = ["ARCHITECTURES", "checkpoint_from_gguf", "gguf_source", "resolve_source", "smollm2_gguf_path"]

@@ -248,9 +248,11 @@ BENCH_ARGS = ["--batch-sizes", "1,2", "--target-speedup", "2", "--prompt-length"
 def test_peer_names_expand_engines_and_refuse_unknown_ones():
     assert peers.peer_names(["ct2", "ortgenai-int8", "ctranslate2"]) == ["ct2-fp32", "ct2-int8", "ortgenai-int8"]
     assert peers.peer_names(["ort-genai"]) == ["ortgenai-fp32", "ortgenai-int4"]
-    assert peers.peer_names(["all"]) == ["ct2-fp32", "ct2-int8", "ortgenai-fp32", "ortgenai-int4"]
-    with pytest.raises(InputError, match="unknown peer 'llamacpp'.*ct2.*ortgenai-int4"):
-        peers.peer_names(["ct2", "llamacpp"])
+    assert peers.peer_names(["all"]) == ["ct2-fp32", "ct2-int8", "ortgenai-fp32", "ortgenai-int4", "llamacpp-f32",
+                                         "llamacpp-file"]
+    assert peers.peer_names(["llama.cpp"]) == ["llamacpp-f32", "llamacpp-file"]
+    with pytest.raises(InputError, match="unknown peer 'vllm'.*ct2.*ortgenai-int4"):
+        peers.peer_names(["ct2", "vllm"])
 
 
 def test_bench_refuses_an_unknown_peer_before_measuring(exports, tmp_path):

@@ -40,9 +40,10 @@ def default_work_dir(checkpoint: str | os.PathLike) -> Path:
 
 
 def precision_of(name: str) -> str:
-    """``ct2-fp32`` -> ``float32``, ``ortgenai-int4`` -> ``int4``: the ``export`` field of its rows."""
+    """``ct2-fp32`` -> ``float32``, ``ortgenai-int4`` -> ``int4``, ``llamacpp-file`` -> ``gguf`` (the
+    file's own types): the ``export`` field of its rows."""
     suffix = name.rsplit("-", 1)[-1]
-    return "float32" if suffix == "fp32" else suffix
+    return {"fp32": "float32", "f32": "float32", "file": "gguf"}.get(suffix, suffix)
 
 
 def importable(module: str) -> bool:

@@ -104,6 +104,10 @@ def run_bench(directory: str | os.PathLike, *, batch_sizes: Sequence[int] = (1, 
     mem: list[dict[str, Any]] = []
     errors: list[str] = []
     try:  # from here on, the workers and the temporary quantized exports are cleaned up however it ends
+        if checkpoint:  # gguf:FILE -> its (cached) conversion, which records the file for llama.cpp
+            from ..exporter.checkpoint import local_source
+
+            checkpoint = local_source(checkpoint, log=log)
         if peer_list:
             from .peer_workers import Peers
 

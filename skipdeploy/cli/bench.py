@@ -46,10 +46,13 @@ PEER_NAMES = tuple(PEERS)
 @click.option("--int8-export", type=click.Path(path_type=Path), hidden=True,
               help="The int8 export's own directory (reused or written; kept).")
 @click.option("--checkpoint", "--model", "checkpoint", metavar="CKPT",
-              help="Checkpoint for the Hugging Face baseline and the peers [default: the export's source].")
+              help="Checkpoint for the Hugging Face baseline and the peers, a directory or gguf:FILE "
+                   "(gguf:smollm2) [default: the export's source].")
 @click.option("--peers", metavar="NAME,NAME,...",
               help="Also measure other engines on the checkpoint: ct2 (CTranslate2 float32 and int8; OPT and Llama "
-                   "family), ortgenai (onnxruntime-genai fp32 and int4 from its model builder; Llama family), all, "
+                   "family), ortgenai (onnxruntime-genai fp32 and int4 from its model builder; Llama family), llamacpp "
+                   "(llama.cpp on the GGUF file the checkpoint came from, as it is and in float32; pip install "
+                   "llama-cpp-python), all, "
                    f"or single ones ({', '.join(PEER_NAMES)}). Each is converted once into --work-dir, runs in a "
                    "process of its own and takes its turn in every round; its rows have the same fields, and its "
                    "tokens are compared with the full schedule's. A peer whose package is missing (pip install "
