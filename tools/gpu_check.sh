@@ -161,10 +161,11 @@ except Exception as exc:
 print("cuda:", "yes" if cuda else "no")
 EOF
 outcome "environment"
-CUDA=no HAS_PYTEST=no IGNORE=()
+CUDA=no HAS_PYTEST=no HAS_TORCH=no IGNORE=()
 if [ -n "$PLAN" ]; then
-    CUDA=yes HAS_PYTEST=yes
+    CUDA=yes HAS_PYTEST=yes HAS_TORCH=yes
 else
+    grep -q '^torch .*absent' "$OUT/environment.txt" 2>/dev/null || HAS_TORCH=yes
     # Only a definite "no" turns the GPU steps off: an environment step cut short must not.
     grep -q '^cuda: no' "$OUT/environment.txt" 2>/dev/null || CUDA=yes
     grep -q '^pytest .*absent' "$OUT/environment.txt" 2>/dev/null || HAS_PYTEST=yes
@@ -202,7 +203,8 @@ if [ "$CUDA" = yes ]; then
 else
     skip "bench $SHAPES${BIG_SHAPE:+ $BIG_SHAPE}" "no CUDA GPU visible to torch"
     # The benchmark's own CPU smoke path still runs, on tiny shapes, so that its code is exercised.
-    for shape in tiny tiny-llama; do
+    [ "$HAS_TORCH" = yes ] || skip "bench cpu smoke" "torch is not installed here (the benchmark runs on torch)"
+    for shape in $([ "$HAS_TORCH" = yes ] && echo tiny tiny-llama); do
         phase "bench cpu smoke $shape" 80 0 20 "bench-cpu-$shape.log" TERM -- \
             "$PY" tools/gpu_bench.py --device cpu --shape "$shape" --batches 1,2 --new-tokens 6 --prompt 4 \
             --repeats 2 --budget 60 --json "$OUT/bench.json" --workdir "$WORK/$shape"
