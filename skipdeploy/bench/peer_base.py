@@ -40,9 +40,13 @@ def checkpoint_config(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 
 def fingerprint(checkpoint: str | os.PathLike) -> list[list[Any]]:
-    """Name, size and modification time of every file of a checkpoint directory."""
+    """Name, size and modification time of every file of a checkpoint directory (but the record of
+    the GGUF file it came from, which is written after the conversion and changes no weights)."""
+    from ..gguf import SOURCE_RECORD
+
     root = Path(checkpoint)
-    return sorted([p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in root.iterdir() if p.is_file())
+    return sorted([p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in root.iterdir()
+                  if p.is_file() and p.name != SOURCE_RECORD)
 
 
 def equal_lengths(prompts: list[list[int]]) -> int:
