@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -182,12 +183,25 @@ def test_caches_are_allocated_and_released_under_the_engine_lock(exports):
     held = []
     allocate, release = rt.engine.allocate, rt.engine.release
 
+    def held_elsewhere() -> bool:  # whether another thread finds the lock taken
+        took = []
+
+        def try_lock():
+            took.append(rt.engine_lock.acquire(blocking=False))
+            if took[0]:
+                rt.engine_lock.release()
+
+        thread = threading.Thread(target=try_lock)
+        thread.start()
+        thread.join()
+        return not took[0]
+
     def checked_allocate(*args):
-        held.append(("allocate", rt.engine_lock.locked()))
+        held.append(("allocate", held_elsewhere()))
         return allocate(*args)
 
     def checked_release(cache):
-        held.append(("release", rt.engine_lock.locked()))
+        held.append(("release", held_elsewhere()))
         return release(cache)
 
     rt.engine.allocate, rt.engine.release = checked_allocate, checked_release

@@ -17,6 +17,7 @@
 # Exit status: 0 when nothing failed, 1 when a test or a benchmark check failed. A phase cut by
 # the time budget (timeout's exit 124/137) is reported as such, not as a failure of the code.
 set -u
+CALLER=$(pwd)  # a relative OUTDIR is the caller's, not the repository's
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
@@ -28,9 +29,10 @@ while [ $# -gt 0 ]; do
         --budget) BUDGET=${2:?--budget needs a number of seconds}; shift 2 ;;
         --budget=*) BUDGET=${1#--budget=}; shift ;;
         --plan) PLAN=1; shift ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
-        *) OUTDIR=$1; shift ;;
+        /*) OUTDIR=$1; shift ;;
+        *) OUTDIR=$CALLER/$1; shift ;;
     esac
 done
 case "$BUDGET" in ''|*[!0-9]*) echo "gpu_check.sh: the budget must be a whole number of seconds, not '$BUDGET'" >&2

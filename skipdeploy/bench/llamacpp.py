@@ -74,6 +74,7 @@ class LlamaCppRunner(PeerRunner):
             marks: list[float] = []
             row: list[int] = []
             start = time.perf_counter()
+            self.llm.reset()  # generate(reset=True) still reuses a cached prefix: every row prefills whole
             for token in self.llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
                                            reset=True):
                 marks.append(time.perf_counter())
@@ -96,8 +97,8 @@ def write_f32_gguf(source: Path, out: Path) -> None:
     partial = out.with_name(out.name + ".partial")
     writer = gguf.GGUFWriter(partial, arch)
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue  # the writer writes its own header and architecture
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.alignment"):
+            continue  # the writer writes its own header, architecture and (default) alignment
         if key == "general.file_type":
             writer.add_file_type(gguf.LlamaFileType.ALL_F32)
             continue

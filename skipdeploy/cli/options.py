@@ -94,11 +94,19 @@ class Device(click.ParamType):
         self.cpu = cpu
 
     def convert(self, value, param, ctx):
-        kind, colon, index = str(value).partition(":")
-        if (kind == "cpu" and self.cpu and not colon) or (kind == "cuda" and (not colon or index.isdigit())):
-            return str(value)
-        choices = "cpu, cuda or cuda:N" if self.cpu else "cuda or cuda:N"
-        self.fail(f"{value!r} is not a device; use {choices}", param, ctx)
+        from ..engines.cuda_memory import parse_cuda_device
+        from ..errors import BackendError
+
+        if str(value) == "cpu" and self.cpu:
+            return "cpu"
+        try:
+            if not str(value).startswith("cuda"):  # parse_cuda_device also takes a bare index
+                raise BackendError(value)
+            parse_cuda_device(str(value))
+        except BackendError:
+            choices = "cpu, cuda or cuda:N" if self.cpu else "cuda or cuda:N"
+            self.fail(f"{value!r} is not a device; use {choices}", param, ctx)
+        return str(value)
 
 
 def backend_options(func):

@@ -102,8 +102,8 @@ def _parse_device(device: str | None) -> tuple[str | None, int | None]:
     """"cpu", "cuda" or "cuda:N" as (kind, index); None keeps the backend's default."""
     if device is None:
         return None, None
-    kind, _, index = str(device).partition(":")
-    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+    kind, colon, index = str(device).partition(":")
+    if kind not in DEVICES or (colon and (kind != "cuda" or not index.isdigit())):
         raise BackendError(f"unknown device {device!r}; choose one of cpu, cuda, cuda:N")
     return kind, int(index) if index else None
 

@@ -243,7 +243,12 @@ class FlatPool:
         """Flat key and value buffers per layer, each holding at least ``needs[l]`` (in the unit of
         ``size(buffer)``): a released cache's where they fit, ``new(need)`` where not. Returns
         ``(keys, values, layout)``: the cache's ``storage``."""
-        keys, values, old = self._free.pop() if self._free else ([None] * len(needs), [None] * len(needs), layout)
+        # The newest released cache of this layout (nothing to reset), else the newest of any.
+        same = [i for i, entry in enumerate(self._free) if entry[2] == layout]
+        if self._free:
+            keys, values, old = self._free.pop(same[-1] if same else -1)
+        else:
+            keys, values, old = [None] * len(needs), [None] * len(needs), layout
         for layer, need in enumerate(needs):
             for flat in (keys, values):
                 if flat[layer] is None or size(flat[layer]) < need:

@@ -299,7 +299,9 @@ class TorchEngine(TorchGraphs, StaticEngine):
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._graph_pool):
+            # Our side stream, on this engine's device: torch's default capture stream is one per
+            # process, made on whichever device captured first.
+            with torch.cuda.graph(graph, pool=self._graph_pool, stream=stream):
                 self._step(pool, layers)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

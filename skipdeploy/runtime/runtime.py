@@ -36,7 +36,10 @@ class Runtime:
     def __init__(self, manifest: Manifest, engine: StaticEngine, memory_limit: int | None = None) -> None:
         self.core = EngineCore(manifest, engine, memory_limit)
         self.manifest, self.engine, self.spec = manifest, engine, manifest.model
-        self.engine_lock = threading.Lock()
+        # Reentrant: a stream() iterator dropped in a reference cycle is closed by the garbage
+        # collector in whatever thread runs it, possibly one inside a forward, and closing
+        # releases its cache under this lock.
+        self.engine_lock = threading.RLock()
 
     @property
     def memory_limit(self) -> int | None:
