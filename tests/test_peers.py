@@ -21,7 +21,7 @@ pytest.importorskip("transformers", reason="the peer tests need transformers")
 
 from click.testing import CliRunner  # noqa: E402
 
-from skipdeploy.bench import peers  # noqa: E402
+from skipdeploy.bench import peer_base, peers  # noqa: E402
 from skipdeploy.cli import main  # noqa: E402
 from skipdeploy.errors import BackendError, InputError  # noqa: E402
 from skipdeploy.random_checkpoint import SHAPES, make_checkpoint  # noqa: E402
@@ -129,7 +129,7 @@ def test_a_foreign_work_directory_is_left_alone(tmp_path, monkeypatch):
     (tmp_path / "work").mkdir()
     (tmp_path / "work" / "notes.txt").write_text("mine")
     runner = peers.CTranslate2Runner(tmp_path, tmp_path / "work")
-    monkeypatch.setattr(peers, "require", lambda module, install: None)
+    monkeypatch.setattr(peer_base, "require", lambda module, install: None)  # what prepare() calls
     with pytest.raises(BackendError, match="holds no conversion"):
         runner.prepare()
     assert (tmp_path / "work" / "notes.txt").read_text() == "mine"
