@@ -97,16 +97,17 @@ class Device(click.ParamType):
         from ..engines.cuda_memory import parse_cuda_device
         from ..errors import BackendError
 
-        if str(value) == "cpu" and self.cpu:
-            return "cpu"
-        try:
-            if not str(value).startswith("cuda"):  # parse_cuda_device also takes a bare index
-                raise BackendError(value)
-            parse_cuda_device(str(value))
-        except BackendError:
-            choices = "cpu, cuda or cuda:N" if self.cpu else "cuda or cuda:N"
-            self.fail(f"{value!r} is not a device; use {choices}", param, ctx)
-        return str(value)
+        value = str(value)
+        if value == "cpu" and self.cpu:
+            return value
+        if value.startswith("cuda"):  # parse_cuda_device also takes a bare index, which is no device name
+            try:
+                parse_cuda_device(value)
+                return value
+            except BackendError:
+                pass
+        choices = "cpu, cuda or cuda:N" if self.cpu else "cuda or cuda:N"
+        self.fail(f"{value!r} is not a device; use {choices}", param, ctx)
 
 
 def backend_options(func):
