@@ -124,7 +124,7 @@ def test_public_iobinding_fallback_gives_the_same_results(exports):
     import skipdeploy
 
     runtime = skipdeploy.load(exports["tiny"])
-    bindings = [runtime.engine._embed_io, *runtime.engine._layer_io, runtime.engine._head_io]
+    bindings = [runtime.engine._embed_io, *runtime.engine._block_io, runtime.engine._head_io]
     assert all(b._fast for b in bindings)  # onnxruntime 1.32 has them
     sched = Schedule(4, 3, 1, decay_tokens=5, warmup_layers=1)
     fast = runtime.generate(PROMPTS, 6, sched, output_logits=True, eos_token_id=None)
@@ -236,8 +236,8 @@ def test_backend_options_are_checked_once_for_both_paths(exports):
     import skipdeploy
     from skipdeploy.serving import ServingEngine
 
-    with pytest.raises(InputError, match="the onnxruntime backend takes no option 'dtype'; its options: device, "
-                                         "providers, threads"):
+    with pytest.raises(InputError, match="the onnxruntime backend takes no option 'dtype'; its options: "
+                                         "block_bytes, device, providers, threads"):
         skipdeploy.load(exports["tiny"], dtype="float16")
     with pytest.raises(InputError, match="for in-flight batching takes no option 'providers'"):
         ServingEngine(exports["tiny"], providers=["CPUExecutionProvider"])

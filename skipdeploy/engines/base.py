@@ -125,23 +125,44 @@ class StaticEngine(Engine):
         """Run layer ``index`` on T new positions; write their keys and values into
         ``cache[index][past:past+T]`` in place; return the new hidden states. ``positions`` (int64
         [B, T], the embedding's position ids) are needed by families whose layers rotate by
-        position (RoPE); others ignore them.
+        position (RoPE); others ignore them."""
+        return self.layers([index], hidden, cache, past, attention_bias, positions)
 
-        Checked here for every backend: with raw pointers, a call that writes outside the layer's
+    def layers(self, indices: list[int], hidden: Any, cache: KVCache, past: int, attention_bias: np.ndarray,
+               positions: np.ndarray | None = None) -> Any:
+        """``layer`` for each of ``indices`` (ascending), one after another, in one call: a backend
+        may run them together (onnxruntime runs a block of layers in one session).
+
+        Checked here for every backend: with raw pointers, a call that writes outside a layer's
         cache or masks the wrong keys would corrupt memory silently."""
+        indices = [int(i) for i in indices]
         batch, new = hidden.shape[0], hidden.shape[1]
         if self.manifest.layers_take_positions:
             if positions is None or positions.shape != (batch, new):
-                raise BackendError(f"layer {index}: this model's layers take position ids [{batch}, {new}]")
+                raise BackendError(f"layers {indices}: this model's layers take position ids [{batch}, {new}]")
             positions = np.ascontiguousarray(positions, np.int64)
-        if past + new > cache.capacities[index]:
-            raise BackendError(f"layer {index}: writing positions {past}..{past + new - 1} would overflow "
-                               f"its cache of {cache.capacities[index]} positions")
+        if any(b <= a for a, b in zip(indices, indices[1:])) or not indices \
+                or not 0 <= indices[0] <= indices[-1] < self.spec.num_layers:
+            raise BackendError(f"layers {indices}: expected ascending layer indices of this "
+                               f"{self.spec.num_layers}-layer model")
+        for index in indices:
+            if past + new > cache.capacities[index]:
+                raise BackendError(f"layer {index}: writing positions {past}..{past + new - 1} would overflow "
+                                   f"its cache of {cache.capacities[index]} positions")
         if batch != cache.batch:
-            raise BackendError(f"layer {index}: {batch} rows of hidden states for a cache of {cache.batch} rows")
+            raise BackendError(f"layers {indices}: {batch} rows of hidden states for a cache of "
+                               f"{cache.batch} rows")
         if attention_bias.shape != (batch, past + new) or not attention_bias.flags.c_contiguous:
-            raise BackendError(f"layer {index}: attention bias must be a contiguous [{batch}, {past + new}] array")
-        return self._layer(index, hidden, cache, past, attention_bias, positions)
+            raise BackendError(f"attention bias must be a contiguous [{batch}, {past + new}] array")
+        return self._layers(indices, hidden, cache, past, attention_bias, positions)
+
+    def _layers(self, indices: list[int], hidden: Any, cache: KVCache, past: int, attention_bias: np.ndarray,
+                positions: np.ndarray | None) -> Any:
+        """The backend's call for several layers (the arguments are checked): by default ``_layer``
+        for each."""
+        for index in indices:
+            hidden = self._layer(index, hidden, cache, past, attention_bias, positions)
+        return hidden
 
     @abstractmethod
     def _layer(self, index: int, hidden: Any, cache: KVCache, past: int, attention_bias: np.ndarray,

@@ -27,13 +27,15 @@ from abc import abstractmethod
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import BackendError
-from ..manifest import Manifest
+from ..errors import BackendError, InputError
+from ..manifest import LAYER_IO, Manifest
 from ..numerics import numpy_dtype
 from .base import Engine, FlatPool, KVCache, StaticEngine
+from .layer_blocks import BLOCK_BYTES, plan_blocks, read_block
 
 
-def session_options(threads: int | None = None, shared_arena: bool = False) -> ort.SessionOptions:
+def session_options(threads: int | None = None, shared_arena: bool = False,
+                    model_dir: str | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -52,6 +54,8 @@ def session_options(threads: int | None = None, shared_arena: bool = False) -> o
         # The graphs run one after another, so one arena for all of them holds the largest
         # graph's scratch memory, not the sum over 14 graphs (measured: -200 MB at batch 8).
         options.add_session_config_entry("session.use_env_allocators", "1")
+    if model_dir:  # where a graph loaded from bytes (a block of layers) finds its external weights
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", model_dir)
     return options
 
 
@@ -121,6 +125,9 @@ class PointerBinding:
         else:
             self._io.bind_output(name, "cpu", 0, dtype, shape, pointer)
 
+    def clear_outputs(self) -> None:
+        (self._raw_io if self._fast else self._io).clear_binding_outputs()
+
     def run(self) -> None:
         if self._fast:
             self._raw_session.run_with_iobinding(self._raw_io, None)
@@ -140,7 +147,8 @@ class OnnxRuntimeGraphs(Engine):
         super().__init__(manifest)
         self.dtype = numpy_dtype(manifest.dtype)
         providers = providers or ["CPUExecutionProvider"]
-        options = session_options(threads, shared_arena=providers == ["CPUExecutionProvider"])
+        options = session_options(threads, shared_arena=providers == ["CPUExecutionProvider"],
+                                  model_dir=str(manifest.directory))
 
         def session(path_or_bytes) -> ort.InferenceSession:
             source = path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
@@ -200,16 +208,27 @@ class OnnxRuntimeGraphs(Engine):
 
 
 class OnnxRuntimeEngine(OnnxRuntimeGraphs, StaticEngine):
-    """Static decoding: the export's own layer graphs, one session each."""
+    """Static decoding: the export's layer graphs stitched into blocks (``layer_blocks``), one
+    session each, so that the layers a step runs in a block take one ``Run()``."""
 
     def __init__(self, manifest: Manifest, threads: int | None = None,
-                 providers: list[str] | None = None) -> None:
+                 providers: list[str] | None = None, block_bytes: int = BLOCK_BYTES) -> None:
+        if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes < 0:
+            raise InputError(f"block_bytes must be a number of bytes >= 0 (0: every layer a session of its own), "
+                             f"not {block_bytes!r}")
+        self._block_bytes = block_bytes
         super().__init__(manifest, threads=threads, providers=providers)
         self._free = FlatPool()
 
     def _load_layers(self, session) -> None:
-        self.layer_sessions = [session(self.manifest.layer_path(i)) for i in range(self.spec.num_layers)]
-        self._layer_io = [PointerBinding(s) for s in self.layer_sessions]
+        spec, manifest = self.spec, self.manifest
+        paths = [manifest.layer_path(i) for i in range(spec.num_layers)]
+        io = {"inputs": manifest.graphs["layers"][0].get("inputs", LAYER_IO["inputs"]), "outputs": LAYER_IO["outputs"]}
+        self.blocks = plan_blocks([path.stat().st_size for path in paths], self._block_bytes)
+        self.block_sessions = [session(read_block(block, paths, io, (spec.kv_heads, spec.head_dim)))
+                               for block in self.blocks]
+        self._block_io = [PointerBinding(s) for s in self.block_sessions]
+        self._run_flags = np.zeros(spec.num_layers, np.bool_)  # each layer's ``l{i}.run`` scalar
 
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
         H, D = self.spec.kv_heads, self.spec.head_dim
@@ -227,24 +246,40 @@ class OnnxRuntimeEngine(OnnxRuntimeGraphs, StaticEngine):
 
     def _layer(self, index: int, hidden: np.ndarray, cache: KVCache, past: int,
                attention_bias: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
+        return self._layers([index], hidden, cache, past, attention_bias, positions)
+
+    def _layers(self, indices: list[int], hidden: np.ndarray, cache: KVCache, past: int,
+                attention_bias: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
         B, T, E = hidden.shape
         H, D = self.spec.kv_heads, self.spec.head_dim
-        keys, values = cache.keys[index], cache.values[index]
-        position = B * H * D * keys.itemsize  # bytes of one cache position
-        which = 1 if self._buffers.get(("hidden", 1, B, T)) is not hidden else 0
-        out = self._buffer(("hidden", which, B, T), (B, T, E), self.dtype)
-        io = self._layer_io[index]
-        io.input("hidden", self.dtype, [B, T, E], hidden.ctypes.data)
-        if self.manifest.layers_take_positions:  # then StaticEngine.layer has checked them
-            io.input("position_ids", np.int64, [B, T], positions.ctypes.data)
-        io.input("past_key", self.dtype, [past, B, H, D], keys.ctypes.data)
-        io.input("past_value", self.dtype, [past, B, H, D], values.ctypes.data)
-        io.input("attention_bias", np.float32, [B, past + T], attention_bias.ctypes.data)
-        io.output("hidden_out", self.dtype, [B, T, E], out.ctypes.data)
-        io.output("key", self.dtype, [T, B, H, D], keys.ctypes.data + past * position)
-        io.output("value", self.dtype, [T, B, H, D], values.ctypes.data + past * position)
-        io.run()
-        return out
+        flags = self._run_flags
+        flags[:] = False
+        flags[indices] = True
+        for block, io in zip(self.blocks, self._block_io):
+            if not flags[block.first:block.last + 1].any():
+                continue
+            which = 1 if self._buffers.get(("hidden", 1, B, T)) is not hidden else 0
+            out = self._buffer(("hidden", which, B, T), (B, T, E), self.dtype)
+            io.clear_outputs()  # a layer skipped now may have run in the last call
+            io.input("block.hidden", self.dtype, [B, T, E], hidden.ctypes.data)
+            if self.manifest.layers_take_positions:  # then StaticEngine.layers has checked them
+                io.input("position_ids", np.int64, [B, T], positions.ctypes.data)
+            io.input("attention_bias", np.float32, [B, past + T], attention_bias.ctypes.data)
+            for i in block.layers:
+                keys, values = cache.keys[i], cache.values[i]
+                ran = bool(flags[i])
+                io.input(f"l{i}.run", np.bool_, [], flags.ctypes.data + i)
+                # A skipped layer's past is never read: bound empty, whatever its cache holds.
+                io.input(f"l{i}.past_key", self.dtype, [past if ran else 0, B, H, D], keys.ctypes.data)
+                io.input(f"l{i}.past_value", self.dtype, [past if ran else 0, B, H, D], values.ctypes.data)
+                if ran:
+                    position = B * H * D * keys.itemsize  # bytes of one cache position
+                    io.output(f"l{i}.key", self.dtype, [T, B, H, D], keys.ctypes.data + past * position)
+                    io.output(f"l{i}.value", self.dtype, [T, B, H, D], values.ctypes.data + past * position)
+            io.output(block.hidden_out, self.dtype, [B, T, E], out.ctypes.data)
+            io.run()
+            hidden = out
+        return hidden
 
     def close(self) -> None:
         super().close()

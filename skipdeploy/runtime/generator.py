@@ -227,7 +227,10 @@ class Generator:
         engine = self.engine
         hidden = engine.embed(ids, positions)
         for layer in layers:
-            hidden = self._run_layer(layer, hidden, past, bias, positions)
+            check_cached(layer, self.valid[layer], past)
+        hidden = engine.layers(layers, hidden, self.cache, past, bias, positions)
+        for layer in layers:
+            self.valid[layer] = bias.shape[1]  # past + new positions
         logits = engine.head(hidden)
         if not np.isfinite(logits).all():
             self._locate_non_finite(ids, positions, layers, past, bias)

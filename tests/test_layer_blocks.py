@@ -1,0 +1,119 @@
+"""Blocks of layers (``engines.layer_blocks``): the onnxruntime engine stitches consecutive layer
+graphs into one session, each layer behind an ``If`` on its own flag.
+
+The reference is the same engine with every layer a block of its own (``block_bytes=0``: one
+``If`` per session, the per-layer sessions' nodes), which the rest of the suite holds against
+transformers. Blocks run the same kernels in the same order, so results are equal bit for bit,
+whatever the schedule skips. Torch-free: random numpy exports (``numpy_export``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import skipdeploy
+from skipdeploy.engines.layer_blocks import Block, plan_blocks
+from skipdeploy.errors import InputError
+from skipdeploy.exporter import writer
+from skipdeploy.schedule import Schedule
+
+from . import numpy_export
+
+PROMPTS = [[2, 45, 67, 89, 101, 7], [2, 300], [2, 11, 12, 13, 14, 15, 16, 17, 18, 19]]
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("blocks")
+    made = {}
+
+    def get(shape, scheme="float32"):
+        if (shape, scheme) not in made:
+            if scheme == "float32":
+                made[shape, scheme] = numpy_export.random_export(root / shape, shape, seed=4).directory
+            else:
+                made[shape, scheme] = skipdeploy.quantize(get(shape), root / f"{shape}-{scheme}", weights=scheme,
+                                                          progress=False, log=lambda m: None).directory
+        return made[shape, scheme]
+    return get
+
+
+def test_plan_blocks_fills_each_block_up_to_the_limit():
+    assert plan_blocks([10, 10, 10, 30, 5], 25) == [Block(0, 1), Block(2, 2), Block(3, 3), Block(4, 4)]
+    assert plan_blocks([10, 10, 10], 0) == [Block(0, 0), Block(1, 1), Block(2, 2)]
+    assert plan_blocks([10, 10, 10], 1 << 30) == [Block(0, 2)]
+    assert plan_blocks([], 10) == []
+
+
+def _generate(runtime, num_layers):
+    schedule = Schedule(num_layers, num_layers - 1, 1, decay_tokens=5, warmup_layers=1)  # skips from step 0
+    return runtime.generate(PROMPTS, 8, schedule, output_logits=True, eos_token_id=None)
+
+
+@pytest.mark.parametrize("shape,scheme", [("tiny", "float32"), ("tiny-llama", "float32"), ("tiny-llama", "int4"),
+                                          ("tiny", "int8")])
+def test_one_block_decodes_as_one_session_per_layer(export, shape, scheme):
+    directory = export(shape, scheme)
+    stitched, alone = skipdeploy.load(directory), skipdeploy.load(directory, block_bytes=0)
+    layers = stitched.spec.num_layers
+    assert len(stitched.engine.blocks) == 1 and len(alone.engine.blocks) == layers
+    got, want = _generate(stitched, layers), _generate(alone, layers)
+    assert min(got.layers_per_step) < layers  # the schedule did skip layers inside the block
+    assert got.tokens == want.tokens
+    assert all(np.array_equal(a, b) for a, b in zip(got.logits, want.logits))
+
+
+def test_a_skipped_layer_s_cache_is_not_touched(export):
+    runtime = skipdeploy.load(export("tiny-llama"))
+    engine, spec = runtime.engine, runtime.spec
+    alone = skipdeploy.load(export("tiny-llama"), block_bytes=0).engine
+    B, T = 2, 3
+    ids, positions = np.array([[2, 40, 41], [2, 50, 51]]), np.tile(np.arange(T), (B, 1))
+    bias = np.zeros((B, T), np.float32)
+    ran = [0, spec.num_layers - 1]
+    caches = []
+    for e in (engine, alone):
+        cache = e.allocate([T + 1] * spec.num_layers, B)
+        for buf in cache.keys + cache.values:
+            buf.fill(np.nan)
+        hidden = np.array(e.layers(ran, e.embed(ids, positions), cache, 0, bias, positions))
+        caches.append((hidden, cache))
+    (hidden, cache), (want, reference) = caches
+    assert np.array_equal(hidden, want)
+    for i in range(spec.num_layers):
+        if i in ran:
+            assert np.array_equal(cache.keys[i][:T], reference.keys[i][:T]) and np.isfinite(cache.keys[i][:T]).all()
+            assert np.array_equal(cache.values[i][:T], reference.values[i][:T])
+            assert np.isnan(cache.keys[i][T:]).all()
+        else:
+            assert np.isnan(cache.keys[i]).all() and np.isnan(cache.values[i]).all()
+
+
+def test_layers_must_be_ascending(export):
+    runtime = skipdeploy.load(export("tiny"))
+    engine = runtime.engine
+    cache = engine.allocate([4] * runtime.spec.num_layers, 1)
+    hidden = engine.embed(np.array([[2, 5]]), np.array([[0, 1]]))
+    with pytest.raises(skipdeploy.SkipDeployError, match="ascending"):
+        engine.layers([2, 1], hidden, cache, 0, np.zeros((1, 2), np.float32))
+
+
+def test_blocks_read_weights_kept_outside_the_graph_files(export, tmp_path, monkeypatch):
+    """A graph over ``EXTERNAL_DATA_BYTES`` keeps its weights in a ``.data`` file beside it; a block is
+    loaded from bytes, and still finds them in the export's directory."""
+    monkeypatch.setattr(writer, "EXTERNAL_DATA_BYTES", 1)
+    directory = numpy_export.random_export(tmp_path / "external", "tiny-llama", seed=4).directory
+    assert list(directory.glob("layer_*.onnx.data"))
+    monkeypatch.undo()
+    layers = skipdeploy.load(directory).spec.num_layers
+    got = _generate(skipdeploy.load(directory), layers)
+    want = _generate(skipdeploy.load(export("tiny-llama")), layers)  # the same weights, inside the graphs
+    assert got.tokens == want.tokens
+    assert all(np.array_equal(a, b) for a, b in zip(got.logits, want.logits))
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "big"])
+def test_a_bad_block_size_is_one_line(export, value):
+    with pytest.raises(InputError, match="block_bytes"):
+        skipdeploy.load(export("tiny"), block_bytes=value)
