@@ -1,7 +1,7 @@
 """Blocks of layers (``engines.layer_blocks``): the onnxruntime engine stitches consecutive layer
 graphs into one session, each layer behind an ``If`` on its own flag.
 
-The reference is the same engine with every layer a block of its own (``block_bytes=0``: one
+The reference is the same engine with every layer a block of its own (``block_layers=1``: one
 ``If`` per session, the per-layer sessions' nodes), which the rest of the suite holds against
 transformers. Blocks run the same kernels in the same order, so results are equal bit for bit,
 whatever the schedule skips. Torch-free: random numpy exports (``numpy_export``).
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import skipdeploy
-from skipdeploy.engines.layer_blocks import Block, plan_blocks
+from skipdeploy.engines.layer_blocks import Block, plan_blocks, read_block
 from skipdeploy.errors import InputError
 from skipdeploy.exporter import writer
 from skipdeploy.schedule import Schedule
@@ -39,11 +39,10 @@ def export(tmp_path_factory):
     return get
 
 
-def test_plan_blocks_fills_each_block_up_to_the_limit():
-    assert plan_blocks([10, 10, 10, 30, 5], 25) == [Block(0, 1), Block(2, 2), Block(3, 3), Block(4, 4)]
-    assert plan_blocks([10, 10, 10], 0) == [Block(0, 0), Block(1, 1), Block(2, 2)]
-    assert plan_blocks([10, 10, 10], 1 << 30) == [Block(0, 2)]
-    assert plan_blocks([], 10) == []
+def test_plan_blocks_cuts_runs_of_layers():
+    assert plan_blocks(5, 2) == [Block(0, 1), Block(2, 3), Block(4, 4)]
+    assert plan_blocks(3, 1) == [Block(0, 0), Block(1, 1), Block(2, 2)]
+    assert plan_blocks(3) == plan_blocks(3, 7) == [Block(0, 2)]
 
 
 def _generate(runtime, num_layers):
@@ -53,21 +52,36 @@ def _generate(runtime, num_layers):
 
 @pytest.mark.parametrize("shape,scheme", [("tiny", "float32"), ("tiny-llama", "float32"), ("tiny-llama", "int4"),
                                           ("tiny", "int8")])
-def test_one_block_decodes_as_one_session_per_layer(export, shape, scheme):
+@pytest.mark.parametrize("block_layers", [None, 2])
+def test_blocks_decode_as_one_session_per_layer(export, shape, scheme, block_layers):
     directory = export(shape, scheme)
-    stitched, alone = skipdeploy.load(directory), skipdeploy.load(directory, block_bytes=0)
+    stitched, alone = skipdeploy.load(directory, block_layers=block_layers), skipdeploy.load(directory, block_layers=1)
     layers = stitched.spec.num_layers
-    assert len(stitched.engine.blocks) == 1 and len(alone.engine.blocks) == layers
+    assert len(stitched.engine.blocks) == (1 if block_layers is None else -(-layers // 2))
+    assert len(alone.engine.blocks) == layers
     got, want = _generate(stitched, layers), _generate(alone, layers)
-    assert min(got.layers_per_step) < layers  # the schedule did skip layers inside the block
+    assert min(got.layers_per_step) < layers  # the schedule did skip layers inside a block
     assert got.tokens == want.tokens
     assert all(np.array_equal(a, b) for a, b in zip(got.logits, want.logits))
+
+
+def test_a_block_refers_to_the_layer_files_weights(export):
+    """A block's graph holds the layers' nodes and names their weights' bytes in the layer files:
+    no weight is copied (onnxruntime maps the files, as it would load each layer)."""
+    manifest = skipdeploy.load(export("tiny-llama")).manifest
+    paths = [manifest.layer_path(i) for i in range(manifest.model.num_layers)]
+    io = {"inputs": manifest.graphs["layers"][0]["inputs"], "outputs": ["hidden_out", "key", "value"]}
+    [block] = plan_blocks(len(paths))
+    graph = read_block(block, paths, io, (manifest.model.kv_heads, manifest.model.head_dim))
+    weights = sum(path.stat().st_size for path in paths)
+    assert len(graph) < weights / 4
+    assert b"layer_00.onnx" in graph and b"location" in graph
 
 
 def test_a_skipped_layer_s_cache_is_not_touched(export):
     runtime = skipdeploy.load(export("tiny-llama"))
     engine, spec = runtime.engine, runtime.spec
-    alone = skipdeploy.load(export("tiny-llama"), block_bytes=0).engine
+    alone = skipdeploy.load(export("tiny-llama"), block_layers=1).engine
     B, T = 2, 3
     ids, positions = np.array([[2, 40, 41], [2, 50, 51]]), np.tile(np.arange(T), (B, 1))
     bias = np.zeros((B, T), np.float32)
@@ -113,7 +127,7 @@ def test_blocks_read_weights_kept_outside_the_graph_files(export, tmp_path, monk
     assert all(np.array_equal(a, b) for a, b in zip(got.logits, want.logits))
 
 
-@pytest.mark.parametrize("value", [-1, 1.5, "big"])
+@pytest.mark.parametrize("value", [0, -1, 1.5, "big", True])
 def test_a_bad_block_size_is_one_line(export, value):
-    with pytest.raises(InputError, match="block_bytes"):
-        skipdeploy.load(export("tiny"), block_bytes=value)
+    with pytest.raises(InputError, match="block_layers"):
+        skipdeploy.load(export("tiny"), block_layers=value)

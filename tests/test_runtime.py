@@ -237,7 +237,7 @@ def test_backend_options_are_checked_once_for_both_paths(exports):
     from skipdeploy.serving import ServingEngine
 
     with pytest.raises(InputError, match="the onnxruntime backend takes no option 'dtype'; its options: "
-                                         "block_bytes, device, providers, threads"):
+                                         "block_layers, device, providers, threads"):
         skipdeploy.load(exports["tiny"], dtype="float16")
     with pytest.raises(InputError, match="for in-flight batching takes no option 'providers'"):
         ServingEngine(exports["tiny"], providers=["CPUExecutionProvider"])

@@ -3,7 +3,7 @@ own flag, so that a step's layers run in one onnxruntime ``Run()`` per block ins
 
 Why: a layer session pays a fixed price per ``Run()`` (binding, its thread pool waking, an
 execution frame) that no kernel time buys; SmolLM2's 30 small layers paid it 30 times a step
-(BENCHMARKS.md, "One session per block of layers"). A block keeps SkipDecode's freedom: any set of
+(BENCHMARKS.md, "Layers stitched into one session"). A block keeps SkipDecode's freedom: any set of
 its layers runs, the others take the ``else`` branch (the hidden state passes through, the layer's
 key and value outputs are empty and left unbound), and every weight is held once, by its own
 layer's ``then`` branch.
@@ -26,20 +26,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 # Field numbers (onnx.proto3).
 MODEL_IR_VERSION, MODEL_OPSET, MODEL_GRAPH = 1, 8, 7
 GRAPH_NODE, GRAPH_NAME, GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_OUTPUT = 1, 2, 5, 11, 12
 NODE_INPUT, NODE_OUTPUT, NODE_NAME, NODE_OP, NODE_ATTRIBUTE = 1, 2, 3, 4, 5
 ATTR_NAME, ATTR_GRAPH, ATTR_TYPE, ATTR_TYPE_GRAPH = 1, 6, 20, 5
-TENSOR_DIMS, TENSOR_DATA_TYPE, TENSOR_NAME, TENSOR_RAW = 1, 2, 8, 9
+TENSOR_DIMS, TENSOR_DATA_TYPE, TENSOR_NAME, TENSOR_RAW, TENSOR_EXTERNAL, TENSOR_LOCATION = 1, 2, 8, 9, 13, 14
 VALUE_NAME, VALUE_TYPE, TYPE_TENSOR, TENSOR_TYPE_ELEM, TENSOR_TYPE_SHAPE = 1, 2, 1, 1, 2
+ATTR_GRAPHS = 11
 BOOL = 9  # TensorProto.DataType
+# Graph fields a layer graph may not hold: sparse initializers (15) and function-local graphs'
+# names would need renaming that blocks do not do; value_info (13) is dropped (it would name
+# tensors of the layer graph's scope; onnxruntime infers shapes anyway).
+GRAPH_UNSUPPORTED = (15,)
 
-# Blocks hold at most this many bytes of layer graphs: the serialized block must stay under
-# protobuf's 2 GiB, and loading one holds its bytes a few times over for a moment. Layers this
-# large gain nothing from sharing a Run() anyway (their weights take milliseconds to read).
-BLOCK_BYTES = 256 << 20
+# Raw data this large is referenced in the layer file instead of copied into the block.
+EXTERNAL_MIN = 1024
 
 
 # -- protobuf wire format ------------------------------------------------------------------------
@@ -65,30 +69,42 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(data: bytes) -> list[tuple[int, int, object, bytes]]:
-    """(field number, wire type, value, the field's whole encoding) for each field of a message;
-    the value of a length-delimited field is its payload bytes."""
+class Field(NamedTuple):
+    number: int
+    wire: int
+    value: object      # int (varint) or the payload (memoryview, length-delimited and fixed)
+    raw: memoryview    # the field's whole encoding
+    offset: int        # where the payload starts in the file
+
+
+def _fields(data: memoryview, base: int = 0) -> list[Field]:
+    """The fields of a message held in ``data``, which starts ``base`` bytes into its file."""
     out, pos = [], 0
     while pos < len(data):
         start = pos
         key, pos = _read_varint(data, pos)
         number, wire = key >> 3, key & 7
         if wire == 0:
+            offset = pos
             value, pos = _read_varint(data, pos)
         elif wire == 2:
             size, pos = _read_varint(data, pos)
-            value, pos = data[pos:pos + size], pos + size
+            value, offset, pos = data[pos:pos + size], pos, pos + size
         elif wire in (1, 5):
             size = 8 if wire == 1 else 4
-            value, pos = data[pos:pos + size], pos + size
+            value, offset, pos = data[pos:pos + size], pos, pos + size
         else:
             raise ValueError(f"protobuf wire type {wire} in a layer graph")
-        out.append((number, wire, value, data[start:pos]))
+        out.append(Field(number, wire, value, data[start:pos], base + offset))
     return out
 
 
+def _text(value: memoryview) -> str:
+    return bytes(value).decode()
+
+
 def _first(fields, number: int):
-    return next((value for n, _, value, _ in fields if n == number), None)
+    return next((f.value for f in fields if f.number == number), None)
 
 
 def _message(number: int, payload: bytes) -> bytes:
@@ -122,7 +138,21 @@ def _value(name: str, elem_type: int, scalar: bool = False) -> bytes:
 
 def _renamed(value_info: bytes, name: str) -> bytes:
     """The same ValueInfoProto (type and shape) under another name."""
-    return _string(VALUE_NAME, name) + b"".join(raw for n, _, _, raw in _fields(value_info) if n != VALUE_NAME)
+    return _string(VALUE_NAME, name) + b"".join(f.raw for f in _fields(value_info) if f.number != VALUE_NAME)
+
+
+def _renamed_inputs(node: bytes, names: dict[str, str]) -> bytes:
+    """A NodeProto (as a GRAPH_NODE field) whose inputs named in ``names`` are renamed; a node
+    holding a subgraph is refused (its references would need renaming too)."""
+    out = []
+    for f in _fields(node):
+        raw = f.raw
+        if f.number == NODE_INPUT:
+            raw = _string(NODE_INPUT, names.get(_text(f.value), _text(f.value)))
+        elif f.number == NODE_ATTRIBUTE and any(a.number in (ATTR_GRAPH, ATTR_GRAPHS) for a in _fields(f.value)):
+            raise ValueError("a layer graph's node holds a subgraph, which blocks do not carry")
+        out.append(raw)
+    return _message(GRAPH_NODE, b"".join(out))
 
 
 def _elem_type(value_info: bytes) -> int:
@@ -147,34 +177,45 @@ class Block:
         return f"l{self.last}.hidden_out"
 
 
-def plan_blocks(sizes: list[int], limit: int = BLOCK_BYTES) -> list[Block]:
-    """Runs of consecutive layers whose graphs (``sizes``, bytes) add up to at most ``limit``; a
-    layer larger than that is a block alone."""
-    blocks, first, held = [], 0, 0
-    for index, size in enumerate(sizes):
-        if index > first and held + size > limit:
-            blocks.append(Block(first, index - 1))
-            first, held = index, 0
-        held += size
-    return blocks + [Block(first, len(sizes) - 1)] if sizes else blocks
+def plan_blocks(num_layers: int, block_layers: int | None = None) -> list[Block]:
+    """The layers in runs of ``block_layers`` (None: all of them in one block)."""
+    size = block_layers or num_layers or 1
+    return [Block(first, min(first + size, num_layers) - 1) for first in range(0, num_layers, size)]
 
 
-def stitch(block: Block, layer_models: list[bytes], io: dict, kv_shape: tuple[int, int]) -> bytes:
-    """The block's ModelProto bytes from its layers' ModelProto bytes (in order).
+def _initializer(tensor: list[Field], name: str, location: str) -> bytes:
+    """A layer's initializer under the block's ``name``, its data left where it is: raw data in
+    the layer file becomes an external reference to those same bytes (onnxruntime maps external
+    data instead of copying it, and frees it once the kernels have pre-packed it); data already
+    external (a large graph's ``.data`` file) keeps its reference; small typed data stays inline."""
+    raw = _first(tensor, TENSOR_RAW)
+    kept = b"".join(f.raw for f in tensor if f.number not in (TENSOR_NAME, TENSOR_RAW))
+    if raw is None or len(raw) < EXTERNAL_MIN:
+        return _string(TENSOR_NAME, name) + kept + (b"" if raw is None else _message(TENSOR_RAW, raw))
+    offset = next(f.offset for f in tensor if f.number == TENSOR_RAW)
+    where = b"".join(_message(TENSOR_EXTERNAL, _string(1, key) + _string(2, value)) for key, value in
+                     (("location", location), ("offset", str(offset)), ("length", str(len(raw)))))
+    return _string(TENSOR_NAME, name) + kept + where + _int(TENSOR_LOCATION, 1)
+
+
+def stitch(block: Block, layer_files: list[tuple[str, bytes]], io: dict, kv_shape: tuple[int, int]) -> bytes:
+    """The block's ModelProto bytes from its layers' files (name and contents, in order).
 
     ``io`` is the manifest's layer I/O (input and output names); ``kv_shape`` is (Hkv, D), the
-    shape of a skipped layer's empty key and value after [0, 1]."""
+    shape of a skipped layer's empty key and value after [0, 1]. The weights are references to
+    the layer files, to be found in the export's directory."""
     inputs, outputs = io["inputs"], io["outputs"]  # outputs: hidden_out, key, value
     shared = [n for n in inputs if n not in ("hidden", "past_key", "past_value")]
-    opsets, nodes, graph_inputs, graph_outputs, ir_version = [], [], [], [], None
+    opsets, nodes, initializers, graph_inputs, graph_outputs, ir_version = [], [], [], [], [], None
     previous = "block.hidden"
-    for index, model in zip(block.layers, layer_models):
-        model_fields = _fields(model)
-        ir_version = ir_version or _first(model_fields, MODEL_IR_VERSION)
-        opsets += [raw for n, _, _, raw in model_fields if n == MODEL_OPSET and raw not in opsets]
-        graph = _fields(_first(model_fields, MODEL_GRAPH))
-        declared = {_first(_fields(v), VALUE_NAME).decode(): v for n, _, v, _ in graph if n == GRAPH_INPUT}
-        produced = [v for n, _, v, _ in graph if n == GRAPH_OUTPUT]
+    for index, (location, contents) in zip(block.layers, layer_files):
+        model = _fields(memoryview(contents))
+        ir_version = ir_version or _first(model, MODEL_IR_VERSION)
+        opsets += [bytes(f.raw) for f in model if f.number == MODEL_OPSET and bytes(f.raw) not in opsets]
+        graph_field = next(f for f in model if f.number == MODEL_GRAPH)
+        graph = _fields(graph_field.value, graph_field.offset)
+        declared = {_text(_first(_fields(f.value), VALUE_NAME)): f.value for f in graph if f.number == GRAPH_INPUT}
+        produced = [f.value for f in graph if f.number == GRAPH_OUTPUT]
         missing = set(inputs) - set(declared)
         if missing or len(produced) != len(outputs):
             raise ValueError(f"layer {index}'s graph does not have the manifest's I/O ({', '.join(sorted(missing))})")
@@ -184,10 +225,23 @@ def stitch(block: Block, layer_models: list[bytes], io: dict, kv_shape: tuple[in
         graph_inputs += [_value(p + "run", BOOL, scalar=True), _renamed(declared["past_key"], p + "past_key"),
                          _renamed(declared["past_value"], p + "past_value")]
         elem = _elem_type(produced[1])
-        # then: the layer's own graph, its inputs now read from the block through Identity nodes.
+        # then: the layer's own nodes, its inputs now read from the block through Identity nodes
+        # and its weights from the block's initializers: onnxruntime frees an initializer once
+        # the kernels have pre-packed it only when it lives in the outer graph (kept inside the
+        # branch, every weight stayed resident twice: 1.3 GB instead of 0.5 for SmolLM2).
+        weights = {}
+        for f in graph:
+            if f.number == GRAPH_INITIALIZER:
+                tensor = _fields(f.value, f.offset)
+                name = _text(_first(tensor, TENSOR_NAME))
+                weights[name] = p + name
+                initializers.append(_message(GRAPH_INITIALIZER, _initializer(tensor, p + name, location)))
+            elif f.number in GRAPH_UNSUPPORTED:
+                raise ValueError(f"layer {index}'s graph holds graph field {f.number}, which blocks do not carry")
         feeds = {"hidden": previous, "past_key": p + "past_key", "past_value": p + "past_value"}
         then = (b"".join(_node("Identity", [source], [local], f"{p}in.{local}") for local, source in feeds.items())
-                + b"".join(raw for n, _, _, raw in graph if n not in (GRAPH_INPUT, GRAPH_NAME))
+                + b"".join(_renamed_inputs(f.value, weights) for f in graph if f.number == GRAPH_NODE)
+                + b"".join(f.raw for f in graph if f.number == GRAPH_OUTPUT)
                 + _string(GRAPH_NAME, p + "then"))
         # else: the hidden state passes through; key and value are empty.
         Hkv, D = kv_shape
@@ -205,11 +259,13 @@ def stitch(block: Block, layer_models: list[bytes], io: dict, kv_shape: tuple[in
         graph_outputs += [_value(p + "key", elem), _value(p + "value", elem)]
         previous = out[0]
     graph_outputs.append(_value(block.hidden_out, _elem_type(produced[0])))
-    body = (b"".join(nodes) + _string(GRAPH_NAME, f"layers_{block.first}_{block.last}")
+    body = (b"".join(nodes) + b"".join(initializers) + _string(GRAPH_NAME, f"layers_{block.first}_{block.last}")
             + b"".join(_message(GRAPH_INPUT, v) for v in graph_inputs)
             + b"".join(_message(GRAPH_OUTPUT, v) for v in graph_outputs))
     return _int(MODEL_IR_VERSION, ir_version) + b"".join(opsets) + _message(MODEL_GRAPH, body)
 
 
 def read_block(block: Block, paths: list[Path], io: dict, kv_shape: tuple[int, int]) -> bytes:
-    return stitch(block, [paths[i].read_bytes() for i in block.layers], io, kv_shape)
+    """The block's graph, weights by reference to the layer files (which must sit together, in
+    the directory the session is told to read external data from)."""
+    return stitch(block, [(paths[i].name, paths[i].read_bytes()) for i in block.layers], io, kv_shape)

@@ -31,7 +31,7 @@ from ..errors import BackendError, InputError
 from ..manifest import LAYER_IO, Manifest
 from ..numerics import numpy_dtype
 from .base import Engine, FlatPool, KVCache, StaticEngine
-from .layer_blocks import BLOCK_BYTES, plan_blocks, read_block
+from .layer_blocks import plan_blocks, read_block
 
 
 def session_options(threads: int | None = None, shared_arena: bool = False,
@@ -153,6 +153,10 @@ class OnnxRuntimeGraphs(Engine):
         def session(path_or_bytes) -> ort.InferenceSession:
             source = path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
             loaded = ort.InferenceSession(source, options, providers=providers)
+            if isinstance(source, bytes) and getattr(loaded, "_model_bytes", None) is source:
+                # Kept by onnxruntime for a provider fallback the CPU never takes: for the
+                # in-flight engine's layer graphs, a second copy of their weights.
+                loaded._model_bytes = None
             release_free_heap()  # before the next graph, so the peak stays near the steady size
             return loaded
 
@@ -212,11 +216,12 @@ class OnnxRuntimeEngine(OnnxRuntimeGraphs, StaticEngine):
     session each, so that the layers a step runs in a block take one ``Run()``."""
 
     def __init__(self, manifest: Manifest, threads: int | None = None,
-                 providers: list[str] | None = None, block_bytes: int = BLOCK_BYTES) -> None:
-        if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes < 0:
-            raise InputError(f"block_bytes must be a number of bytes >= 0 (0: every layer a session of its own), "
-                             f"not {block_bytes!r}")
-        self._block_bytes = block_bytes
+                 providers: list[str] | None = None, block_layers: int | None = None) -> None:
+        if block_layers is not None and (isinstance(block_layers, bool) or not isinstance(block_layers, int)
+                                         or block_layers < 1):
+            raise InputError(f"block_layers must be a number of layers >= 1 (1: a session per layer) or None "
+                             f"(all layers in one session), not {block_layers!r}")
+        self._block_layers = block_layers
         super().__init__(manifest, threads=threads, providers=providers)
         self._free = FlatPool()
 
@@ -224,7 +229,7 @@ class OnnxRuntimeEngine(OnnxRuntimeGraphs, StaticEngine):
         spec, manifest = self.spec, self.manifest
         paths = [manifest.layer_path(i) for i in range(spec.num_layers)]
         io = {"inputs": manifest.graphs["layers"][0].get("inputs", LAYER_IO["inputs"]), "outputs": LAYER_IO["outputs"]}
-        self.blocks = plan_blocks([path.stat().st_size for path in paths], self._block_bytes)
+        self.blocks = plan_blocks(spec.num_layers, self._block_layers)
         self.block_sessions = [session(read_block(block, paths, io, (spec.kv_heads, spec.head_dim)))
                                for block in self.blocks]
         self._block_io = [PointerBinding(s) for s in self.block_sessions]
