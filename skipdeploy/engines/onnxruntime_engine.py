@@ -6,8 +6,9 @@ Nothing is concatenated or copied per step, and hidden states and logits live in
 from step to step. ``OnnxRuntimeGraphs`` (embed, head, buffers) is shared with the in-flight
 engine (``onnxruntime_inflight``), which loads other layer sessions.
 
-Performance notes (measured on 2 cores, see BENCHMARKS.md): one session per graph, each with its
-own thread pool that spins only while its Run() lasts (pools that kept spinning between runs were
+Performance notes (measured on 2 cores, see BENCHMARKS.md): one session for the embedding, one
+for the head and one for the layers (stitched into one graph by ``layer_blocks``, so a step's
+layers take one Run()), each with its own thread pool that spins only while its Run() lasts (pools that kept spinning between runs were
 1.6-2.4x slower here, 6x in an earlier probe; no spinning at all was 2-8% slower) and hands out
 dynamic block sizes in parallel loops; graphs optimized at ORT_ENABLE_ALL at load; the LM head
 is its own graph run on the last position only; one CPU arena shared by all sessions; sessions
@@ -234,6 +235,8 @@ class OnnxRuntimeEngine(OnnxRuntimeGraphs, StaticEngine):
                                for block in self.blocks]
         self._block_io = [PointerBinding(s) for s in self.block_sessions]
         self._run_flags = np.zeros(spec.num_layers, np.bool_)  # each layer's ``l{i}.run`` scalar
+        self._names = [tuple(f"l{i}.{n}" for n in ("run", "past_key", "past_value", "key", "value"))
+                       for i in range(spec.num_layers)]
 
     def allocate(self, capacities: list[int], batch: int) -> KVCache:
         H, D = self.spec.kv_heads, self.spec.head_dim
@@ -272,15 +275,16 @@ class OnnxRuntimeEngine(OnnxRuntimeGraphs, StaticEngine):
             io.input("attention_bias", np.float32, [B, past + T], attention_bias.ctypes.data)
             for i in block.layers:
                 keys, values = cache.keys[i], cache.values[i]
+                run, past_key, past_value, key, value = self._names[i]
                 ran = bool(flags[i])
-                io.input(f"l{i}.run", np.bool_, [], flags.ctypes.data + i)
+                io.input(run, np.bool_, [], flags.ctypes.data + i)
                 # A skipped layer's past is never read: bound empty, whatever its cache holds.
-                io.input(f"l{i}.past_key", self.dtype, [past if ran else 0, B, H, D], keys.ctypes.data)
-                io.input(f"l{i}.past_value", self.dtype, [past if ran else 0, B, H, D], values.ctypes.data)
+                io.input(past_key, self.dtype, [past if ran else 0, B, H, D], keys.ctypes.data)
+                io.input(past_value, self.dtype, [past if ran else 0, B, H, D], values.ctypes.data)
                 if ran:
                     position = B * H * D * keys.itemsize  # bytes of one cache position
-                    io.output(f"l{i}.key", self.dtype, [T, B, H, D], keys.ctypes.data + past * position)
-                    io.output(f"l{i}.value", self.dtype, [T, B, H, D], values.ctypes.data + past * position)
+                    io.output(key, self.dtype, [T, B, H, D], keys.ctypes.data + past * position)
+                    io.output(value, self.dtype, [T, B, H, D], values.ctypes.data + past * position)
             io.output(block.hidden_out, self.dtype, [B, T, E], out.ctypes.data)
             io.run()
             hidden = out
