@@ -1,20 +1,22 @@
-"""Consecutive decoder layers stitched into one graph (a block), each layer behind an ``If`` on its
-own flag, so that a step's layers run in one onnxruntime ``Run()`` per block instead of one each.
+"""Consecutive decoder layers stitched into one graph (a block; by default all of them), each layer
+behind an ``If`` on its own flag, so that a step's layers run in one onnxruntime ``Run()`` per
+block instead of one each.
 
 Why: a layer session pays a fixed price per ``Run()`` (binding, its thread pool waking, an
 execution frame) that no kernel time buys; SmolLM2's 30 small layers paid it 30 times a step
 (BENCHMARKS.md, "Layers stitched into one session"). A block keeps SkipDecode's freedom: any set of
 its layers runs, the others take the ``else`` branch (the hidden state passes through, the layer's
-key and value outputs are empty and left unbound), and every weight is held once, by its own
-layer's ``then`` branch.
+key and value outputs are empty and left unbound), and every weight is held once.
 
-The block is written here as protobuf bytes from the export's own layer graphs, whose bytes are
-reused as they are: the runtime core has no ``onnx`` package, the manifest and the files on disk
-stay what they are, and every weight scheme (float, int8, int4) comes along unchanged. Only the
+The block is written here as protobuf bytes from the export's own layer graphs: the runtime core
+has no ``onnx`` package, the manifest and the files on disk stay what they are, and every weight
+scheme (float, int8, int4) comes along unchanged. Nodes are copied (their weight inputs renamed
+per layer); each weight becomes a block initializer whose data is an external reference to its
+own bytes inside the layer file, which onnxruntime maps as it maps any external data. Only the
 few message fields named below are read or written (onnx.proto3 field numbers).
 
-A block's graph (layers ``i`` of the block; the ``then`` branch of layer i is its own graph with its
-inputs replaced by ``Identity`` nodes that read the block's tensors of that layer):
+A block's graph (layers ``i`` of the block; the ``then`` branch of layer i holds the layer graph's
+nodes, its inputs replaced by ``Identity`` nodes that read the block's tensors of that layer):
 
 - inputs: ``block.hidden`` [B,T,E], the layers' shared ``attention_bias`` (and ``position_ids``),
   and per layer ``l{i}.run`` (bool scalar), ``l{i}.past_key``, ``l{i}.past_value``;
@@ -32,14 +34,12 @@ from typing import NamedTuple
 MODEL_IR_VERSION, MODEL_OPSET, MODEL_GRAPH = 1, 8, 7
 GRAPH_NODE, GRAPH_NAME, GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_OUTPUT = 1, 2, 5, 11, 12
 NODE_INPUT, NODE_OUTPUT, NODE_NAME, NODE_OP, NODE_ATTRIBUTE = 1, 2, 3, 4, 5
-ATTR_NAME, ATTR_GRAPH, ATTR_TYPE, ATTR_TYPE_GRAPH = 1, 6, 20, 5
+ATTR_NAME, ATTR_GRAPH, ATTR_GRAPHS, ATTR_TYPE, ATTR_TYPE_GRAPH = 1, 6, 11, 20, 5
 TENSOR_DIMS, TENSOR_DATA_TYPE, TENSOR_NAME, TENSOR_RAW, TENSOR_EXTERNAL, TENSOR_LOCATION = 1, 2, 8, 9, 13, 14
 VALUE_NAME, VALUE_TYPE, TYPE_TENSOR, TENSOR_TYPE_ELEM, TENSOR_TYPE_SHAPE = 1, 2, 1, 1, 2
-ATTR_GRAPHS = 11
 BOOL = 9  # TensorProto.DataType
-# Graph fields a layer graph may not hold: sparse initializers (15) and function-local graphs'
-# names would need renaming that blocks do not do; value_info (13) is dropped (it would name
-# tensors of the layer graph's scope; onnxruntime infers shapes anyway).
+# A layer graph with sparse initializers (15) is refused: their names would need renaming too.
+# Its value_info (13) is dropped: onnxruntime infers the shapes again.
 GRAPH_UNSUPPORTED = (15,)
 
 # Raw data this large is referenced in the layer file instead of copied into the block.
