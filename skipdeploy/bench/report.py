@@ -123,6 +123,10 @@ def plot(results: dict[str, Any], path: str | os.PathLike) -> None:
                label="layer speedup (layer-count ratio)")
     left.set(xticks=xs + width * (len(batches) - 1) / 2, xticklabels=labels, ylabel="ms per output token",
              title="decode time per token (median)")
+    if len(labels) > 4:  # quantized exports' rows: the names overlap side by side
+        left.tick_params(axis="x", labelrotation=45)
+        for tick in left.get_xticklabels():
+            tick.set_horizontalalignment("right")
     left.legend(fontsize=7)
     right.set(xticks=sx, xticklabels=sched, ylabel="speedup over the full schedule",
               title="SkipDecode speedup: measured and cost model")
