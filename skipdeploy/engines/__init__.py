@@ -99,13 +99,24 @@ def _check_options(name: str, cls: type, options: dict, inflight: bool) -> None:
 
 
 def _parse_device(device: str | None) -> tuple[str | None, int | None]:
-    """"cpu", "cuda" or "cuda:N" as (kind, index); None keeps the backend's default."""
+    """"cpu", "cuda" or "cuda:N" as (kind, index; None where no index is given); None keeps the
+    backend's default. The CUDA part is ``cuda_memory.parse_cuda_device``'s, the one reading of a
+    CUDA device name."""
+    from .cuda_memory import parse_cuda_device  # numpy only: no GPU library is imported
+
     if device is None:
         return None, None
-    kind, colon, index = str(device).partition(":")
-    if kind not in DEVICES or (colon and (kind != "cuda" or not index.isdigit())):
-        raise BackendError(f"unknown device {device!r}; choose one of cpu, cuda, cuda:N")
-    return kind, int(index) if index else None
+    kind, colon, _ = str(device).partition(":")
+    if kind == "cpu" and not colon:
+        return "cpu", None
+    if kind == "cuda" and isinstance(device, str):
+        try:
+            index = parse_cuda_device(device)
+        except BackendError:
+            pass
+        else:
+            return "cuda", index if colon else None
+    raise BackendError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}, cuda:N")
 
 
 __all__ = ["BACKENDS", "DEVICES", "Engine", "InflightEngine", "KVCache", "SlotCache", "StaticEngine",
