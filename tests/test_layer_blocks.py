@@ -78,6 +78,46 @@ def test_a_block_refers_to_the_layer_files_weights(export):
     assert b"layer_00.onnx" in graph and b"location" in graph
 
 
+@pytest.mark.parametrize("shape,scheme", [("tiny-llama", "float32"), ("tiny", "float32"), ("tiny-llama", "int4")])
+def test_a_block_computes_what_the_layer_graphs_compute_alone(export, shape, scheme):
+    """Against the export's own layer files, each in a plain onnxruntime session: the block's
+    hidden states and cache entries are the same bits, for a prefill and a decode step over the
+    layers a schedule would run (the block also moves the work the layers share, the mask and
+    RoPE, to its outer graph: the same operators on the same values)."""
+    import onnxruntime as ort
+
+    from skipdeploy.engines.onnxruntime_engine import session_options
+
+    runtime = skipdeploy.load(export(shape, scheme), threads=2)
+    engine, spec = runtime.engine, runtime.spec
+    ran = [0, spec.num_layers - 2, spec.num_layers - 1]
+    alone = {i: ort.InferenceSession(str(runtime.manifest.layer_path(i)), session_options(2),
+                                     providers=["CPUExecutionProvider"]) for i in ran}
+    B, T = 2, 3
+    cache = engine.allocate([T + 1] * spec.num_layers, B)
+    bias = np.zeros((B, T + 1), np.float32)
+    bias[1, 0] = -1e9  # row 1 is left-padded by one position
+    steps = [(np.array([[2, 40, 41], [0, 50, 51]]), np.array([[0, 1, 2], [-1, 0, 1]]), 0),
+             (np.array([[7], [8]]), np.array([[3], [2]]), T)]
+    past_k = {i: np.zeros((0, B, spec.kv_heads, spec.head_dim), np.float32) for i in ran}
+    past_v = dict(past_k)
+    for ids, positions, past in steps:
+        new = ids.shape[1]
+        step_bias = np.ascontiguousarray(bias[:, :past + new])
+        hidden = np.array(engine.embed(ids, positions))
+        got = np.array(engine.layers(ran, engine.from_numpy(hidden), cache, past, step_bias, positions))
+        want = hidden
+        for i in ran:
+            feeds = {"hidden": want, "past_key": past_k[i], "past_value": past_v[i], "attention_bias": step_bias,
+                     "position_ids": positions}
+            names = [x.name for x in alone[i].get_inputs()]
+            want, key, value = alone[i].run(["hidden_out", "key", "value"], {n: feeds[n] for n in names})
+            assert np.array_equal(cache.keys[i][past:past + new], key)
+            assert np.array_equal(cache.values[i][past:past + new], value)
+            past_k[i], past_v[i] = np.concatenate([past_k[i], key]), np.concatenate([past_v[i], value])
+        assert np.array_equal(got, want)
+
+
 def test_a_skipped_layer_s_cache_is_not_touched(export):
     runtime = skipdeploy.load(export("tiny-llama"))
     engine, spec = runtime.engine, runtime.spec

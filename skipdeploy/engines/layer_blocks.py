@@ -26,6 +26,7 @@ nodes, its inputs replaced by ``Identity`` nodes that read the block's tensors o
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -42,7 +43,8 @@ BOOL = 9  # TensorProto.DataType
 # Its value_info (13) is dropped: onnxruntime infers the shapes again.
 GRAPH_UNSUPPORTED = (15,)
 
-# Raw data this large is referenced in the layer file instead of copied into the block.
+# Raw data this large is referenced in the layer file instead of copied into the block; smaller
+# initializers (shape constants, RoPE frequencies) are compared by content and shared by layers.
 EXTERNAL_MIN = 1024
 
 
@@ -198,6 +200,72 @@ def _initializer(tensor: list[Field], name: str, location: str) -> bytes:
     return _string(TENSOR_NAME, name) + kept + where + _int(TENSOR_LOCATION, 1)
 
 
+class _Shared:
+    """Work that every layer of a block repeats on the same values (the causal mask and the
+    padding bias from ``attention_bias``, RoPE's cos and sin from ``position_ids``, shapes of the
+    hidden state, their constants), moved to the block's outer graph and done once a step.
+
+    A layer's node is shared when it reads only shared values: the block's shared inputs, small
+    initializers (by content) and the outputs of shared nodes; ``Shape`` of the layer's hidden
+    state counts as one of the block's (every layer's hidden state has the block's shape). Nodes
+    are keyed by what they compute (operator, attributes and the keys of their inputs), so the
+    same work in two layers becomes one node."""
+
+    def __init__(self, inputs: list[str]) -> None:
+        self.inputs = set(inputs)
+        self.nodes: list[bytes] = []
+        self.initializers: list[bytes] = []
+        self._made: set[str] = set()
+
+    def initializer(self, tensor: list[Field]) -> str:
+        body = b"".join(bytes(f.raw) for f in tensor if f.number != TENSOR_NAME)
+        name = "shared.init." + hashlib.sha1(body).hexdigest()[:16]
+        if name not in self._made:
+            self._made.add(name)
+            self.initializers.append(_message(GRAPH_INITIALIZER, _string(TENSOR_NAME, name) + body))
+        return name
+
+    def layer(self, nodes: list[memoryview], small: dict[str, list[Field]]) -> tuple[list[memoryview], dict]:
+        """The layer's nodes left to it, and the names of the shared values its nodes read."""
+        outer = {name: name for name in self.inputs}
+        kept = []
+        for node in nodes:
+            fields = _fields(node)
+            op = _text(_first(fields, NODE_OP))
+            inputs = [_text(f.value) for f in fields if f.number == NODE_INPUT]
+            if op == "Shape" and inputs == ["hidden"]:
+                sources = ["block.hidden"]
+            elif op.startswith("Random") or any(
+                    a.number in (ATTR_GRAPH, ATTR_GRAPHS) for f in fields if f.number == NODE_ATTRIBUTE
+                    for a in _fields(f.value)):
+                sources = None
+            else:
+                sources = []
+                for name in inputs:
+                    if name == "" or name in outer:
+                        sources.append(outer.get(name, ""))
+                    elif name in small:
+                        outer[name] = self.initializer(small[name])
+                        sources.append(outer[name])
+                    else:
+                        sources = None
+                        break
+            if sources is None:
+                kept.append(node)
+                continue
+            what = b"".join(bytes(f.raw) for f in fields if f.number not in (NODE_INPUT, NODE_OUTPUT, NODE_NAME))
+            key = hashlib.sha1(what + "|".join(sources).encode()).hexdigest()[:16]
+            results = [_text(f.value) for f in fields if f.number == NODE_OUTPUT]
+            names = [f"shared.{key}.{j}" for j in range(len(results))]
+            if key not in self._made:
+                self._made.add(key)
+                self.nodes.append(_message(GRAPH_NODE, b"".join(_string(NODE_INPUT, n) for n in sources)
+                                           + b"".join(_string(NODE_OUTPUT, n) for n in names)
+                                           + _string(NODE_NAME, "shared." + key) + what))
+            outer.update(zip(results, names))
+        return kept, outer
+
+
 def stitch(block: Block, layer_files: list[tuple[str, bytes]], io: dict, kv_shape: tuple[int, int]) -> bytes:
     """The block's ModelProto bytes from its layers' files (name and contents, in order).
 
@@ -207,6 +275,7 @@ def stitch(block: Block, layer_files: list[tuple[str, bytes]], io: dict, kv_shap
     inputs, outputs = io["inputs"], io["outputs"]  # outputs: hidden_out, key, value
     shared = [n for n in inputs if n not in ("hidden", "past_key", "past_value")]
     opsets, nodes, initializers, graph_inputs, graph_outputs, ir_version = [], [], [], [], [], None
+    shared_work = _Shared(shared)
     previous = "block.hidden"
     for index, (location, contents) in zip(block.layers, layer_files):
         model = _fields(memoryview(contents))
@@ -229,18 +298,23 @@ def stitch(block: Block, layer_files: list[tuple[str, bytes]], io: dict, kv_shap
         # and its weights from the block's initializers: onnxruntime frees an initializer once
         # the kernels have pre-packed it only when it lives in the outer graph (kept inside the
         # branch, every weight stayed resident twice: 1.3 GB instead of 0.5 for SmolLM2).
-        weights = {}
+        tensors = {}
         for f in graph:
             if f.number == GRAPH_INITIALIZER:
                 tensor = _fields(f.value, f.offset)
-                name = _text(_first(tensor, TENSOR_NAME))
-                weights[name] = p + name
-                initializers.append(_message(GRAPH_INITIALIZER, _initializer(tensor, p + name, location)))
+                tensors[_text(_first(tensor, TENSOR_NAME))] = tensor
             elif f.number in GRAPH_UNSUPPORTED:
                 raise ValueError(f"layer {index}'s graph holds graph field {f.number}, which blocks do not carry")
+        small = {name: t for name, t in tensors.items() if len(_first(t, TENSOR_RAW) or b"") < EXTERNAL_MIN}
+        kept, names = shared_work.layer([f.value for f in graph if f.number == GRAPH_NODE], small)
+        read = {_text(i.value) for node in kept for i in _fields(node) if i.number == NODE_INPUT}
+        for name, tensor in tensors.items():
+            if name in read and name not in names:
+                names[name] = p + name
+                initializers.append(_message(GRAPH_INITIALIZER, _initializer(tensor, p + name, location)))
         feeds = {"hidden": previous, "past_key": p + "past_key", "past_value": p + "past_value"}
         then = (b"".join(_node("Identity", [source], [local], f"{p}in.{local}") for local, source in feeds.items())
-                + b"".join(_renamed_inputs(f.value, weights) for f in graph if f.number == GRAPH_NODE)
+                + b"".join(_renamed_inputs(node, names) for node in kept)
                 + b"".join(f.raw for f in graph if f.number == GRAPH_OUTPUT)
                 + _string(GRAPH_NAME, p + "then"))
         # else: the hidden state passes through; key and value are empty.
@@ -259,7 +333,8 @@ def stitch(block: Block, layer_files: list[tuple[str, bytes]], io: dict, kv_shap
         graph_outputs += [_value(p + "key", elem), _value(p + "value", elem)]
         previous = out[0]
     graph_outputs.append(_value(block.hidden_out, _elem_type(produced[0])))
-    body = (b"".join(nodes) + b"".join(initializers) + _string(GRAPH_NAME, f"layers_{block.first}_{block.last}")
+    body = (b"".join(shared_work.nodes) + b"".join(nodes) + b"".join(shared_work.initializers) + b"".join(initializers)
+            + _string(GRAPH_NAME, f"layers_{block.first}_{block.last}")
             + b"".join(_message(GRAPH_INPUT, v) for v in graph_inputs)
             + b"".join(_message(GRAPH_OUTPUT, v) for v in graph_outputs))
     return _int(MODEL_IR_VERSION, ir_version) + b"".join(opsets) + _message(MODEL_GRAPH, body)
