@@ -12,8 +12,10 @@ The block is written here as protobuf bytes from the export's own layer graphs: 
 has no ``onnx`` package, the manifest and the files on disk stay what they are, and every weight
 scheme (float, int8, int4) comes along unchanged. Nodes are copied (their weight inputs renamed
 per layer); each weight becomes a block initializer whose data is an external reference to its
-own bytes inside the layer file, which onnxruntime maps as it maps any external data. Only the
-few message fields named below are read or written (onnx.proto3 field numbers).
+own bytes inside the layer file, which onnxruntime maps as it maps any external data. The work
+the layers repeat on the same values (mask, RoPE, shapes) moves to the outer graph, once a step
+(``_Shared``). Only the few message fields named below are read or written (onnx.proto3 field
+numbers).
 
 A block's graph (layers ``i`` of the block; the ``then`` branch of layer i holds the layer graph's
 nodes, its inputs replaced by ``Identity`` nodes that read the block's tensors of that layer):
