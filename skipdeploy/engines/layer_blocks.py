@@ -145,18 +145,19 @@ def _renamed(value_info: bytes, name: str) -> bytes:
     return _string(VALUE_NAME, name) + b"".join(f.raw for f in _fields(value_info) if f.number != VALUE_NAME)
 
 
-def _renamed_inputs(node: bytes, names: dict[str, str]) -> bytes:
-    """A NodeProto (as a GRAPH_NODE field) whose inputs named in ``names`` are renamed; a node
-    holding a subgraph is refused (its references would need renaming too)."""
-    out = []
-    for f in _fields(node):
-        raw = f.raw
-        if f.number == NODE_INPUT:
-            raw = _string(NODE_INPUT, names.get(_text(f.value), _text(f.value)))
-        elif f.number == NODE_ATTRIBUTE and any(a.number in (ATTR_GRAPH, ATTR_GRAPHS) for a in _fields(f.value)):
-            raise ValueError("a layer graph's node holds a subgraph, which blocks do not carry")
-        out.append(raw)
-    return _message(GRAPH_NODE, b"".join(out))
+def _holds_subgraph(node: list[Field]) -> bool:
+    return any(a.number in (ATTR_GRAPH, ATTR_GRAPHS) for f in node if f.number == NODE_ATTRIBUTE
+               for a in _fields(f.value))
+
+
+def _renamed_inputs(node: list[Field], names: dict[str, str]) -> bytes:
+    """A NodeProto (its fields; written as a GRAPH_NODE field) whose inputs named in ``names`` are
+    renamed; a node holding a subgraph is refused (its references would need renaming too)."""
+    if _holds_subgraph(node):
+        raise ValueError("a layer graph's node holds a subgraph, which blocks do not carry")
+    return _message(GRAPH_NODE, b"".join(
+        _string(NODE_INPUT, names.get(_text(f.value), _text(f.value))) if f.number == NODE_INPUT else f.raw
+        for f in node))
 
 
 def _elem_type(value_info: bytes) -> int:
@@ -227,19 +228,17 @@ class _Shared:
             self.initializers.append(_message(GRAPH_INITIALIZER, _string(TENSOR_NAME, name) + body))
         return name
 
-    def layer(self, nodes: list[memoryview], small: dict[str, list[Field]]) -> tuple[list[memoryview], dict]:
-        """The layer's nodes left to it, and the names of the shared values its nodes read."""
+    def layer(self, nodes: list[list[Field]], small: dict[str, list[Field]]) -> tuple[list[list[Field]], dict]:
+        """The layer's nodes (their fields) left to it, and the names of the shared values its
+        nodes read."""
         outer = {name: name for name in self.inputs}
         kept = []
-        for node in nodes:
-            fields = _fields(node)
+        for fields in nodes:
             op = _text(_first(fields, NODE_OP))
             inputs = [_text(f.value) for f in fields if f.number == NODE_INPUT]
             if op == "Shape" and inputs == ["hidden"]:
                 sources = ["block.hidden"]
-            elif op.startswith("Random") or any(
-                    a.number in (ATTR_GRAPH, ATTR_GRAPHS) for f in fields if f.number == NODE_ATTRIBUTE
-                    for a in _fields(f.value)):
+            elif op.startswith("Random") or _holds_subgraph(fields):
                 sources = None
             else:
                 sources = []
@@ -253,7 +252,7 @@ class _Shared:
                         sources = None
                         break
             if sources is None:
-                kept.append(node)
+                kept.append(fields)
                 continue
             what = b"".join(bytes(f.raw) for f in fields if f.number not in (NODE_INPUT, NODE_OUTPUT, NODE_NAME))
             key = hashlib.sha1(what + "|".join(sources).encode()).hexdigest()[:16]
@@ -308,8 +307,8 @@ def stitch(block: Block, layer_files: list[tuple[str, bytes]], io: dict, kv_shap
             elif f.number in GRAPH_UNSUPPORTED:
                 raise ValueError(f"layer {index}'s graph holds graph field {f.number}, which blocks do not carry")
         small = {name: t for name, t in tensors.items() if len(_first(t, TENSOR_RAW) or b"") < EXTERNAL_MIN}
-        kept, names = shared_work.layer([f.value for f in graph if f.number == GRAPH_NODE], small)
-        read = {_text(i.value) for node in kept for i in _fields(node) if i.number == NODE_INPUT}
+        kept, names = shared_work.layer([_fields(f.value) for f in graph if f.number == GRAPH_NODE], small)
+        read = {_text(i.value) for node in kept for i in node if i.number == NODE_INPUT}
         for name, tensor in tensors.items():
             if name in read and name not in names:
                 names[name] = p + name

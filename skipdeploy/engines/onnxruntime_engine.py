@@ -8,8 +8,9 @@ engine (``onnxruntime_inflight``), which loads other layer sessions.
 
 Performance notes (measured on 2 cores, see BENCHMARKS.md): one session for the embedding, one
 for the head and one for the layers (stitched into one graph by ``layer_blocks``, so a step's
-layers take one Run()), each with its own thread pool that spins only while its Run() lasts (pools that kept spinning between runs were
-1.6-2.4x slower here, 6x in an earlier probe; no spinning at all was 2-8% slower) and hands out
+layers take one Run()), each with its own thread pool that spins only while its Run() lasts
+(pools that kept spinning between runs were 1.6-2.4x slower here, 6x in an earlier probe; no
+spinning at all was 2-8% slower) and hands out
 dynamic block sizes in parallel loops; graphs optimized at ORT_ENABLE_ALL at load; the LM head
 is its own graph run on the last position only; one CPU arena shared by all sessions; sessions
 are created largest-first (the head), returning freed heap to the OS after each, so that the
@@ -260,6 +261,7 @@ class OnnxRuntimeEngine(OnnxRuntimeGraphs, StaticEngine):
                 attention_bias: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
         B, T, E = hidden.shape
         H, D = self.spec.kv_heads, self.spec.head_dim
+        position = B * H * D * np.dtype(self.dtype).itemsize  # bytes of one cache position
         flags = self._run_flags
         flags[:] = False
         flags[indices] = True
@@ -282,7 +284,6 @@ class OnnxRuntimeEngine(OnnxRuntimeGraphs, StaticEngine):
                 io.input(past_key, self.dtype, [past if ran else 0, B, H, D], keys.ctypes.data)
                 io.input(past_value, self.dtype, [past if ran else 0, B, H, D], values.ctypes.data)
                 if ran:
-                    position = B * H * D * keys.itemsize  # bytes of one cache position
                     io.output(key, self.dtype, [T, B, H, D], keys.ctypes.data + past * position)
                     io.output(value, self.dtype, [T, B, H, D], values.ctypes.data + past * position)
             io.output(block.hidden_out, self.dtype, [B, T, E], out.ctypes.data)

@@ -225,21 +225,18 @@ class Generator:
     def _forward(self, ids, positions, layers, past: int, bias: np.ndarray) -> np.ndarray:
         """embed -> layers -> head for new positions starting at ``past``; checks the logits."""
         engine = self.engine
-        hidden = engine.embed(ids, positions)
-        for layer in layers:
-            check_cached(layer, self.valid[layer], past)
-        hidden = engine.layers(layers, hidden, self.cache, past, bias, positions)
-        for layer in layers:
-            self.valid[layer] = bias.shape[1]  # past + new positions
+        hidden = self._run_layers(layers, engine.embed(ids, positions), past, bias, positions)
         logits = engine.head(hidden)
         if not np.isfinite(logits).all():
             self._locate_non_finite(ids, positions, layers, past, bias)
         return logits
 
-    def _run_layer(self, layer: int, hidden, past: int, bias: np.ndarray, positions: np.ndarray):
-        check_cached(layer, self.valid[layer], past)
-        hidden = self.engine.layer(layer, hidden, self.cache, past, bias, positions)
-        self.valid[layer] = bias.shape[1]  # past + new positions
+    def _run_layers(self, layers, hidden, past: int, bias: np.ndarray, positions: np.ndarray):
+        for layer in layers:
+            check_cached(layer, self.valid[layer], past)
+        hidden = self.engine.layers(layers, hidden, self.cache, past, bias, positions)
+        for layer in layers:
+            self.valid[layer] = bias.shape[1]  # past + new positions
         return hidden
 
     def _locate_non_finite(self, ids, positions, layers, past: int, bias) -> None:
@@ -255,7 +252,7 @@ class Generator:
             where = "the LM head"
             for layer in layers:
                 self.valid[layer] = past
-                hidden = self._run_layer(layer, hidden, past, bias, positions)
+                hidden = self._run_layers([layer], hidden, past, bias, positions)
                 if not np.isfinite(engine.to_numpy(hidden)).all():
                     where = f"decoder layer {layer}"
                     break
