@@ -130,17 +130,17 @@ def test_a_bad_device_is_one_line(device):
                                             ("cuda:0", ("cuda", 0)), ("cuda:3", ("cuda", 3))])
 def test_every_door_s_device_reads_cuda_n_as_the_gpu_backends_do(device, parsed):
     """create_engine's reading of --device/device= takes its CUDA part from parse_cuda_device."""
-    from skipdeploy.engines import _parse_device
+    from skipdeploy.engines import parse_device
 
-    assert _parse_device(device) == parsed
+    assert parse_device(device) == parsed
 
 
 @pytest.mark.parametrize("device", ["tpu", "cpu:0", "cuda:", "cuda:x", "cuda:-1", "CUDA", 0])
 def test_an_unknown_device_names_the_known_ones(device):
-    from skipdeploy.engines import _parse_device
+    from skipdeploy.engines import parse_device
 
     with pytest.raises(BackendError, match=r"unknown device .*; choose one of cpu, cuda, cuda:N$"):
-        _parse_device(device)
+        parse_device(device)
 
 
 def test_a_missing_device_names_the_ones_there(monkeypatch):

@@ -12,7 +12,7 @@ Stages (each resumes, or is skipped when its output exists; the equivalent CLI c
   4. eval:     both exports at 1x and each target speedup, on stdlib:heldout and an installed package
                the stdlib split cannot contain (sortedcontainers, else click or tqdm), with greedy
                agreement against the ORIGINAL model's full schedule -> WORK/eval-MODEL-DATA.json
-The defaults are the recipe of the best model in EVAL.md (only the step count chosen by measurement so far).
+The defaults are the recipe of the best model in EVAL.md (steps, learning rate and distillation weight measured there).
 """
 
 from __future__ import annotations

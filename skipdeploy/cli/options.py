@@ -94,18 +94,16 @@ class Device(click.ParamType):
         self.cpu = cpu
 
     def convert(self, value, param, ctx):
-        from ..engines.cuda_memory import parse_cuda_device
+        from ..engines import parse_device  # the reading create_engine applies
         from ..errors import BackendError
 
         value = str(value)
-        if value == "cpu" and self.cpu:
+        try:
+            kind, _ = parse_device(value)
+        except BackendError:
+            kind = None
+        if kind == "cuda" or (kind == "cpu" and self.cpu):
             return value
-        if value.startswith("cuda"):  # parse_cuda_device also takes a bare index, which is no device name
-            try:
-                parse_cuda_device(value)
-                return value
-            except BackendError:
-                pass
         choices = "cpu, cuda or cuda:N" if self.cpu else "cuda or cuda:N"
         self.fail(f"{value!r} is not a device; use {choices}", param, ctx)
 

@@ -31,7 +31,7 @@ def create_engine(name: str, manifest: Manifest, device: str | None = None, infl
     backend's class, which must take them."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    kind, index = _parse_device(device)
+    kind, index = parse_device(device)
     if threads is not None and name in THREADED:
         options["threads"] = threads
     if inflight:
@@ -98,7 +98,7 @@ def _check_options(name: str, cls: type, options: dict, inflight: bool) -> None:
         raise InputError(f"{what} takes no option {', '.join(map(repr, unknown))}; its options: {', '.join(accepted)}")
 
 
-def _parse_device(device: str | None) -> tuple[str | None, int | None]:
+def parse_device(device: str | None) -> tuple[str | None, int | None]:
     """"cpu", "cuda" or "cuda:N" as (kind, index; None where no index is given); None keeps the
     backend's default. The CUDA part is ``cuda_memory.parse_cuda_device``'s, the one reading of a
     CUDA device name."""
